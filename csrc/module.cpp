@@ -1,0 +1,40 @@
+// tierkv._C: the native fast paths. Python reaches them only through tierkv/ops.py.
+// No libtorch here: callers pass plain buffers, so one build works with any torch version.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "block_keys.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+using TokenArray = nb::ndarray<const uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+nb::bytes block_keys_py(TokenArray tokens, size_t block_tokens, nb::bytes root) {
+    if (block_tokens == 0) throw std::invalid_argument("expected block_tokens >= 1, got 0");
+    if (root.size() != tierkv::kKeyBytes)
+        throw std::invalid_argument("expected a 16-byte root key, got " + std::to_string(root.size()) +
+                                    " bytes");
+    const size_t n_tokens = tokens.shape(0);
+    std::string out((n_tokens / block_tokens) * tierkv::kKeyBytes, '\0');
+    const auto* root_bytes = reinterpret_cast<const uint8_t*>(root.c_str());
+    {
+        nb::gil_scoped_release release;
+        tierkv::block_keys(tokens.data(), n_tokens, block_tokens, root_bytes,
+                           reinterpret_cast<uint8_t*>(out.data()));
+    }
+    return nb::bytes(out.data(), out.size());
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+    m.doc() = "tierkv native core (CPU)";
+    m.def("block_keys", &block_keys_py, nb::arg("tokens"), nb::arg("block_tokens"), nb::arg("root"),
+          "Chained xxh3-128 block keys of a uint32 token array, concatenated: "
+          "(len(tokens) // block_tokens) * 16 bytes.");
+}

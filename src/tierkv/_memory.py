@@ -1,0 +1,26 @@
+"""Host buffers that O_DIRECT and DMA engines accept."""
+from __future__ import annotations
+
+import torch
+
+ALIGNMENT = 4096  # the largest logical block size O_DIRECT asks for on Linux filesystems
+
+
+def round_up(n: int, multiple: int = ALIGNMENT) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def aligned_empty(nbytes: int, pinned: bool = False) -> torch.Tensor:
+    """A 1-D uint8 CPU tensor of ``nbytes`` whose first byte is ``ALIGNMENT``-aligned.
+
+    Pinned (page-locked) only when asked and CUDA is available: ``pin_memory=True`` raises without CUDA.
+    The view keeps its over-allocated base alive.
+    """
+    pin = pinned and torch.cuda.is_available()
+    base = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8, pin_memory=pin)
+    offset = (-base.data_ptr()) % ALIGNMENT
+    return base[offset:offset + nbytes]
+
+
+def is_aligned(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.data_ptr() % ALIGNMENT == 0 and t.numel() * t.element_size() % ALIGNMENT == 0

@@ -1,0 +1,107 @@
+"""Chained prefix keys for KV-cache blocks.
+
+``key[i] = xxh3_128(key[i-1] || tokens of block i as little-endian uint32)`` with
+``key[-1] = root = xxh3_128(b"tierkv-v1" + salt)``; digests in xxhash's canonical 16-byte form. A key names a
+block *and* everything before it, so "how much of this prompt is cached" is a longest-prefix walk.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import xxhash
+
+from . import ops
+
+__all__ = ["block_keys", "root_key", "block_keys_reference", "KEY_BYTES"]
+
+KEY_BYTES = 16
+_DOMAIN = b"tierkv-v1"
+
+
+def root_key(salt: bytes = b"") -> bytes:
+    """The parent of the first block's key for this salt (the tenant namespace)."""
+    return xxhash.xxh3_128_digest(_DOMAIN + _check_salt(salt))
+
+
+def block_keys(token_ids: Any, block_tokens: int = 16, salt: bytes = b"") -> list[bytes]:
+    """One 16-byte key per *full* block of ``token_ids`` (a partial tail block gets none).
+
+    ``token_ids``: a 1-D sequence of ints, numpy integer array or torch integer tensor, each in [0, 2**32).
+    ``salt`` separates tenants: a different salt gives disjoint keys.
+    The native module computes all keys in one call; the result is identical to
+    :func:`block_keys_reference` in every process and on every machine.
+
+    Raises ``ValueError`` for a token outside [0, 2**32), a non-1-D input or ``block_tokens < 1``;
+    ``TypeError`` for non-integer tokens or a non-bytes salt.
+    """
+    tokens = _as_uint32(token_ids)
+    block_tokens = _check_block_tokens(block_tokens)
+    root = root_key(salt)
+    module = ops.native()
+    if module is None:
+        return _chain(tokens, block_tokens, root)
+    packed = module.block_keys(tokens, block_tokens, root)
+    return [packed[i:i + KEY_BYTES] for i in range(0, len(packed), KEY_BYTES)]
+
+
+def block_keys_reference(token_ids: Any, block_tokens: int = 16, salt: bytes = b"") -> list[bytes]:
+    """Pure-Python twin of :func:`block_keys` on the ``xxhash`` package (the specification in code)."""
+    return _chain(_as_uint32(token_ids), _check_block_tokens(block_tokens), root_key(salt))
+
+
+def _chain(tokens: np.ndarray, block_tokens: int, root: bytes) -> list[bytes]:
+    data = tokens.astype("<u4", copy=False).tobytes()
+    step = 4 * block_tokens
+    keys: list[bytes] = []
+    parent = root
+    for start in range(0, (len(tokens) // block_tokens) * step, step):
+        parent = xxhash.xxh3_128_digest(parent + data[start:start + step])
+        keys.append(parent)
+    return keys
+
+
+def _check_salt(salt: Any) -> bytes:
+    if not isinstance(salt, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected salt as bytes, got {type(salt).__name__}")
+    return bytes(salt)
+
+
+def _check_block_tokens(block_tokens: Any) -> int:
+    if isinstance(block_tokens, bool) or not isinstance(block_tokens, (int, np.integer)) or block_tokens < 1:
+        raise ValueError(f"expected block_tokens to be a positive int, got {block_tokens!r}")
+    return int(block_tokens)
+
+
+def _as_uint32(token_ids: Any) -> np.ndarray:
+    """Validate tokens and return them as a contiguous little-endian uint32 array."""
+    if hasattr(token_ids, "detach") and hasattr(token_ids, "cpu"):  # a torch tensor, without importing torch
+        if token_ids.is_floating_point() or token_ids.is_complex() or str(token_ids.dtype) == "torch.bool":
+            raise TypeError(f"expected an integer token tensor, got dtype {token_ids.dtype}")
+        array = token_ids.detach().cpu().numpy()
+    elif isinstance(token_ids, np.ndarray):
+        array = token_ids
+    elif isinstance(token_ids, (str, bytes, bytearray)):
+        raise TypeError(f"expected a sequence of token ids, got {type(token_ids).__name__}")
+    else:
+        seq: Sequence[Any] = token_ids if isinstance(token_ids, Sequence) else list(token_ids)
+        for t in seq:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise TypeError(f"expected integer token ids, got {type(t).__name__} ({t!r})")
+        if not seq:
+            return np.empty(0, dtype="<u4")
+        # Python ints may exceed int64: check the range before numpy sees them.
+        lo, hi = min(seq), max(seq)
+        if lo < 0 or hi >= 2**32:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"expected token ids in [0, 2**32), got {int(bad)}")
+        return np.ascontiguousarray(np.asarray(seq, dtype=np.uint64).astype("<u4"))
+    if array.ndim != 1:
+        raise ValueError(f"expected a 1-D token array, got shape {list(array.shape)}")
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"expected an integer token array, got dtype {array.dtype}")
+    if array.size:
+        lo, hi = int(array.min()), int(array.max())
+        if lo < 0 or hi >= 2**32:
+            raise ValueError(f"expected token ids in [0, 2**32), got {lo if lo < 0 else hi}")
+    return np.ascontiguousarray(array, dtype="<u4")

@@ -1,0 +1,538 @@
+"""The tier manager: where each block lives, when it moves, and the two-phase life of every copy.
+
+Policy decides order (``policy/``), tiers move bytes (``tiers/``); this module decides *which* block goes
+*where* and keeps the bookkeeping consistent under concurrency. It never looks inside a block.
+
+A block (``Entry``) may have one copy per tier. Each copy is in one state:
+
+- ``writing``: bytes are being written into its slot; nobody may read or evict it.
+- ``ready``: complete; readable; evictable when no reader has it pinned (``pins == 0``).
+- ``evicting``: chosen by the policy; its bytes are being copied down a tier, after which its slot is handed
+  directly to the block that needed the room. Readers wait for the copy below instead.
+
+The manager lock guards all bookkeeping; byte movement (memcpy, disk I/O) runs outside it. Nobody ever
+waits while holding a slot somebody else needs: eviction takes only unpinned ready copies and falls through
+to the next tier when it cannot, so readers waiting for a ``writing`` copy always see it finish.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import BlockNotFound
+from .policy import make_policy
+from .stats import StoreStats, TierCounters, TierStats
+from .tiers.base import CorruptBlock, Tier
+
+__all__ = ["TierManager", "Snapshot", "TierSnapshot"]
+
+log = logging.getLogger("tierkv")
+
+READY, WRITING, EVICTING = "ready", "writing", "evicting"
+_WAIT_SLICE_S = 1.0  # readers re-check in-flight copies at least this often
+
+
+class Copy:
+    """One tier's copy of a block."""
+
+    __slots__ = ("tier", "slot", "state", "pins", "detached")
+
+    def __init__(self, tier: int, slot: int, state: str) -> None:
+        self.tier = tier
+        self.slot = slot
+        self.state = state
+        self.pins = 0           # readers copying out of this slot right now
+        self.detached = False   # no longer the entry's copy; the slot is freed when the last pin goes
+
+
+class Entry:
+    """A block and its copies. ``alive`` turns False when it is deleted or lost; work in flight on a dead
+    entry frees what it holds when it finishes."""
+
+    __slots__ = ("key", "copies", "alive", "placing")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.copies: dict[int, Copy] = {}
+        self.alive = True
+        self.placing = False  # put() is still finding it a tier: readers wait, nobody drops it
+
+
+@dataclass
+class Move:
+    """Bytes bound for a tier: either caller data (``data``) or another tier's copy (``source``)."""
+
+    entry: Entry
+    data: torch.Tensor | None = None
+    source: Copy | None = None
+    dest: Copy | None = None
+
+
+@dataclass(frozen=True)
+class TierSnapshot:
+    name: str
+    capacity_slots: int
+    free_slots: int
+    used_slots: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Bookkeeping at one instant, for tests and debugging: ``copies`` maps key -> [(tier, slot, state)]."""
+
+    tiers: list[TierSnapshot]
+    copies: dict[bytes, list[tuple[str, int, str]]]
+
+
+@dataclass
+class _Totals:
+    puts: int = 0
+    gets: int = 0
+    hits: int = 0
+    misses: int = 0
+    dropped: int = 0
+    deletes: int = 0
+
+
+class TierManager:
+    """Places blocks in an ordered list of tiers (top = fastest) and moves them between tiers.
+
+    All public methods are thread-safe. ``data``/``out`` tensors are ``[n, payload_nbytes]`` uint8.
+    """
+
+    def __init__(self, tiers: Sequence[Tier], policy: str, io_threads: int) -> None:
+        assert tiers, "a tier manager needs at least one tier"
+        self.tiers = list(tiers)
+        self.payload_nbytes = self.tiers[0].payload_nbytes
+        assert all(t.payload_nbytes == self.payload_nbytes for t in self.tiers)
+        self._policies = [make_policy(policy) for _ in self.tiers]
+        self._counters = [TierCounters() for _ in self.tiers]
+        self._totals = _Totals()
+        self._entries: dict[bytes, Entry] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._reported: set[str] = set()
+        # Disk I/O of a batch runs on a pool; memory copies are bandwidth-bound and stay on the caller's thread.
+        needs_io = any(not t.addressable for t in self.tiers)
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="tierkv-io") if needs_io else None
+        self._recover()
+
+    def _recover(self) -> None:
+        for t, tier in enumerate(self.tiers):
+            for key, slot in tier.recover():
+                entry = self._entries.setdefault(key, Entry(key))
+                entry.copies[t] = Copy(t, slot, READY)
+                self._policies[t].insert(key)
+
+    # -- public operations ----------------------------------------------------------------------------------
+    def put(self, keys: Sequence[bytes], data: torch.Tensor) -> int:
+        """Store blocks not already present; refresh the recency of those that are. Returns how many were new."""
+        moves: list[Move] = []
+        with self._lock:
+            for i, key in enumerate(keys):
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._touch(entry)
+                    continue
+                entry = self._entries[key] = Entry(key)
+                entry.placing = True
+                moves.append(Move(entry, data=data[i]))
+            self._totals.puts += len(moves)
+        try:
+            self._place_in_chunks(0, moves)
+        finally:
+            with self._lock:
+                for move in moves:
+                    move.entry.placing = False
+                    self._drop_if_empty(move.entry)
+                self._changed.notify_all()
+            self._commit()
+        return len(moves)
+
+    def get(self, keys: Sequence[bytes], out: torch.Tensor) -> None:
+        """Copy every block of ``keys`` into ``out[i]`` and promote lower-tier hits to the top tier.
+
+        Raises ``BlockNotFound`` for the first key that is missing or whose bytes fail their checksum;
+        ``out`` is then partly written.
+        """
+        pinned = self._pin_for_read(keys)
+        errors = self._run(
+            [(lambda e=e, c=c, i=i: self.tiers[c.tier].read(c.slot, out[i])) for i, (e, c) in enumerate(pinned)],
+            parallel=any(not self.tiers[c.tier].addressable for _, c in pinned))
+        failed: list[tuple[Entry, str]] = []
+        with self._lock:
+            for (entry, copy), error in zip(pinned, errors):
+                if error is None:
+                    self._count_hit(copy.tier)
+                    self._touch(entry)
+                else:
+                    failed.append((entry, self._read_failed(entry, copy, error)))
+                self._unpin(copy)
+            self._changed.notify_all()
+        self._raise_unexpected(errors)
+        if failed:
+            self._commit()
+            entry, reason = failed[0]
+            raise BlockNotFound(entry.key, reason)
+        promotions = [Move(entry, data=out[i]) for i, (entry, copy) in enumerate(pinned)
+                      if copy.tier > 0 and entry.alive]
+        if promotions:
+            self._promote(promotions)
+        self._commit()
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        with self._lock:
+            for n, key in enumerate(keys):
+                if key not in self._entries:
+                    return n
+            return len(keys)
+
+    def contains(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        """Forget blocks in every tier (persistently). Missing keys are ignored. Returns how many were present."""
+        removed = 0
+        with self._lock:
+            for key in keys:
+                entry = self._entries.pop(key, None)
+                if entry is None:
+                    continue
+                removed += 1
+                entry.alive = False
+                for copy in list(entry.copies.values()):
+                    if copy.state == READY:
+                        self._policies[copy.tier].remove(key)
+                        self._detach(entry, copy, free_slot=True)
+                    # writing/evicting copies are finished by the thread moving them, which sees alive=False
+            self._totals.deletes += removed
+        self._commit()
+        return removed
+
+    def flush(self) -> None:
+        """Copy every resident block that has no copy in the persistent tier there, then sync that tier."""
+        persistent = [t for t, tier in enumerate(self.tiers) if tier.persistent]
+        if persistent:
+            target = persistent[0]
+            moves: list[Move] = []
+            with self._lock:
+                for entry in self._entries.values():
+                    if target in entry.copies:
+                        continue
+                    source = self._best_ready(entry, only_addressable=True)
+                    if source is not None:
+                        source.pins += 1
+                        moves.append(Move(entry, source=source))
+            try:
+                self._place_in_chunks(target, moves)
+            finally:
+                with self._lock:
+                    for move in moves:
+                        self._unpin(move.source)
+                    self._changed.notify_all()
+        self._commit(durable=True)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            for tier in self.tiers:
+                tier.close()
+
+    # -- introspection --------------------------------------------------------------------------------------
+    def stats(self) -> StoreStats:
+        with self._lock:
+            tiers = {}
+            for tier, c in zip(self.tiers, self._counters):
+                used = tier.capacity_slots - tier.free_slots
+                tiers[tier.name] = TierStats(
+                    name=tier.name, hits=c.hits, misses=c.misses, evictions=c.evictions, promotions=c.promotions,
+                    bytes_read=c.bytes_read, bytes_written=c.bytes_written, corrupt=c.corrupt,
+                    failed_writes=c.failed_writes, failed_reads=c.failed_reads,
+                    used_blocks=used, capacity_blocks=tier.capacity_slots,
+                    used_bytes=used * tier.slot_nbytes, capacity_bytes=tier.capacity_slots * tier.slot_nbytes)
+            t = self._totals
+            return StoreStats(tiers=tiers, puts=t.puts, gets=t.gets, hits=t.hits, misses=t.misses,
+                              dropped=t.dropped, deletes=t.deletes, blocks=len(self._entries))
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            tiers = [TierSnapshot(t.name, t.capacity_slots, t.free_slots, t.capacity_slots - t.free_slots)
+                     for t in self.tiers]
+            copies = {key: [(self.tiers[c.tier].name, c.slot, c.state) for c in entry.copies.values()]
+                      for key, entry in self._entries.items()}
+            return Snapshot(tiers, copies)
+
+    def read_copy(self, key: bytes, tier_name: str) -> torch.Tensor:
+        """The raw bytes of ``key``'s copy in one tier (tests and debugging)."""
+        with self._lock:
+            t = next(i for i, tier in enumerate(self.tiers) if tier.name == tier_name)
+            copy = self._entries[key].copies[t]
+            copy.pins += 1
+        try:
+            out = torch.empty(self.payload_nbytes, dtype=torch.uint8)
+            self.tiers[t].read(copy.slot, out)
+            return out
+        finally:
+            with self._lock:
+                self._unpin(copy)
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def _pin_for_read(self, keys: Sequence[bytes]) -> list[tuple[Entry, Copy]]:
+        """Pin the fastest ready copy of every key, waiting for copies in flight. Raises BlockNotFound."""
+        pinned: list[tuple[Entry, Copy]] = []
+        with self._lock:
+            self._totals.gets += len(keys)
+            try:
+                for key in keys:
+                    while True:
+                        entry = self._entries.get(key)
+                        if entry is None:
+                            self._count_miss()
+                            raise BlockNotFound(key)
+                        copy = self._best_ready(entry)
+                        if copy is not None:
+                            copy.pins += 1
+                            pinned.append((entry, copy))
+                            break
+                        assert entry.copies or entry.placing, f"live block {key.hex()} has no copy"
+                        # Being written or moved down a tier: it becomes readable when that finishes.
+                        self._changed.wait(_WAIT_SLICE_S)
+            except BaseException:
+                for _, copy in pinned:
+                    self._unpin(copy)
+                raise
+        return pinned
+
+    def _read_failed(self, entry: Entry, copy: Copy, error: BaseException) -> str:
+        """Drop a copy that could not be read back (never return its bytes); returns the reason."""
+        tier = self.tiers[copy.tier]
+        counters = self._counters[copy.tier]
+        if isinstance(error, CorruptBlock):
+            counters.corrupt += 1
+            reason = f"its {tier.name} copy failed its checksum and was dropped"
+            self._report("corrupt", f"{tier.name} tier: block {entry.key.hex()} failed its checksum ({error}); "
+                         "dropped and reported as a miss. Repeated corruption points at failing storage.")
+        else:
+            counters.failed_reads += 1
+            reason = f"reading its {tier.name} copy failed ({error}); the copy was dropped"
+            self._report("read-error", f"{tier.name} tier: reading block {entry.key.hex()} failed: {error}; "
+                         "dropped and reported as a miss. Check the device and the kernel log.")
+        self._count_miss()
+        if entry.copies.get(copy.tier) is copy:
+            self._detach(entry, copy, free_slot=True)
+        if entry.alive and not entry.copies and not entry.placing:
+            entry.alive = False
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+        return reason
+
+    def _promote(self, moves: list[Move]) -> None:
+        """Copy lower-tier hits into the top tier. Memory tiers then give up their copy (each block costs one
+        memory slot); persistent tiers keep theirs, so a later demotion needs no rewrite."""
+        with self._lock:
+            moves = [m for m in moves if m.entry.alive and 0 not in m.entry.copies]
+        self._place_in_chunks(0, moves)
+        with self._lock:
+            for move in moves:
+                entry = move.entry
+                top = entry.copies.get(0)
+                if top is None or top.state != READY or not entry.alive:
+                    continue
+                self._counters[0].promotions += 1
+                for t, copy in list(entry.copies.items()):
+                    if t > 0 and copy.state == READY and not self.tiers[t].persistent:
+                        self._detach(entry, copy, free_slot=True)
+            self._changed.notify_all()
+
+    # -- placing --------------------------------------------------------------------------------------------
+    def _place_in_chunks(self, t: int, moves: list[Move]) -> None:
+        # A batch larger than the tier would evict its own first blocks; chunks let later blocks push out
+        # earlier ones in order, as the LRU order says they should.
+        chunk = max(1, self.tiers[t].capacity_slots)
+        for start in range(0, len(moves), chunk):
+            self._place(t, moves[start:start + chunk])
+
+    def _place(self, t: int, moves: list[Move]) -> None:
+        """Give each move a ready copy in tier ``t`` or, when it has no room, a lower tier (or nothing).
+
+        Called without the lock. Room is made by demoting the policy's victims one tier down first; their slots
+        pass straight to the moves that needed them.
+        """
+        if not moves or t == len(self.tiers):
+            return
+        tier = self.tiers[t]
+        writes: list[Move] = []
+        handovers: list[tuple[Entry, Copy]] = []
+        overflow: list[Move] = []
+        with self._lock:
+            needs_room: list[Move] = []
+            for move in moves:
+                entry = move.entry
+                if not entry.alive or t in entry.copies:
+                    continue  # gone meanwhile, or already has a copy here: nothing to write
+                slot = tier.allocate()
+                if slot is None:
+                    needs_room.append(move)
+                    continue
+                move.dest = entry.copies[t] = Copy(t, slot, WRITING)
+                writes.append(move)
+            if needs_room:
+                for move, (victim, copy) in zip(needs_room, self._choose_victims(t, len(needs_room))):
+                    copy.state = EVICTING
+                    handovers.append((victim, copy))
+                    move.dest = move.entry.copies[t] = Copy(t, copy.slot, WRITING)
+                    writes.append(move)
+                overflow = needs_room[len(handovers):]
+        try:
+            if handovers:  # victims' bytes must be out of their slots before new bytes land there
+                self._place(t + 1, [Move(victim, source=copy) for victim, copy in handovers])
+        finally:
+            if handovers:
+                with self._lock:
+                    for victim, copy in handovers:
+                        self._detach(victim, copy, free_slot=False)  # the slot now belongs to a writing copy
+                        self._counters[t].evictions += 1
+                        self._drop_if_empty(victim)
+                    self._changed.notify_all()
+        self._place(t + 1, overflow)
+        self._write(t, writes)
+
+    def _write(self, t: int, writes: list[Move]) -> None:
+        tier = self.tiers[t]
+        tasks: list[Callable[[], None]] = []
+        for move in writes:
+            src = move.data if move.data is not None else self.tiers[move.source.tier].view(move.source.slot)
+            tasks.append(lambda slot=move.dest.slot, src=src: tier.write(slot, src))
+        errors = self._run(tasks, parallel=not tier.addressable)
+        with self._lock:
+            for move, error in zip(writes, errors):
+                entry, copy = move.entry, move.dest
+                if error is None:
+                    copy.state = READY
+                    self._counters[t].bytes_written += self.payload_nbytes
+                    if move.source is not None:
+                        self._counters[move.source.tier].bytes_read += self.payload_nbytes
+                    if entry.alive:
+                        tier.bind(entry.key, copy.slot)
+                        self._policies[t].insert(entry.key)
+                    else:
+                        self._detach(entry, copy, free_slot=True)
+                else:
+                    self._counters[t].failed_writes += 1
+                    self._report(f"write-error-{tier.name}",
+                                 f"{tier.name} tier: writing block {entry.key.hex()} failed: {error}; that copy is "
+                                 "dropped (a miss, not an error). Check free space and the device.")
+                    self._detach(entry, copy, free_slot=True)
+            self._changed.notify_all()
+        self._raise_unexpected(errors)
+
+    def _choose_victims(self, t: int, n: int) -> list[tuple[Entry, Copy]]:
+        """Up to ``n`` unpinned ready copies in tier ``t``, least valuable first (caller holds the lock)."""
+        def pinned(key: bytes) -> bool:
+            return self._entries[key].copies[t].pins > 0
+
+        policy = self._policies[t]
+        keys = policy.evict(n, pinned)
+        if keys is None:  # not n evictable: take what there is, one at a time
+            keys = []
+            while len(keys) < n and (one := policy.evict(1, pinned)):
+                keys.extend(one)
+        victims = []
+        for key in keys:
+            entry = self._entries[key]
+            copy = entry.copies[t]
+            assert copy.state == READY and copy.pins == 0, f"policy chose {key.hex()} in state {copy.state}"
+            victims.append((entry, copy))
+        return victims
+
+    # -- bookkeeping helpers (caller holds the lock) ----------------------------------------------------------
+    def _best_ready(self, entry: Entry, only_addressable: bool = False) -> Copy | None:
+        for t in sorted(entry.copies):
+            copy = entry.copies[t]
+            if copy.state == READY and (not only_addressable or self.tiers[t].addressable):
+                return copy
+        return None
+
+    def _touch(self, entry: Entry) -> None:
+        for t, copy in entry.copies.items():
+            if copy.state == READY:
+                self._policies[t].touch(entry.key)
+
+    def _detach(self, entry: Entry, copy: Copy, free_slot: bool) -> None:
+        """Make ``copy`` no longer the entry's copy in its tier; free its slot now or at the last unpin."""
+        if entry.copies.get(copy.tier) is copy:
+            del entry.copies[copy.tier]
+        if self._entries.get(entry.key) is entry:
+            self._policies[copy.tier].remove(entry.key)
+        self.tiers[copy.tier].unbind(entry.key, copy.slot)
+        copy.detached = True
+        if free_slot and copy.pins == 0:
+            self.tiers[copy.tier].free(copy.slot)
+
+    def _unpin(self, copy: Copy) -> None:
+        copy.pins -= 1
+        assert copy.pins >= 0, "copy unpinned more often than pinned"
+        if copy.detached and copy.pins == 0:
+            self.tiers[copy.tier].free(copy.slot)
+
+    def _drop_if_empty(self, entry: Entry) -> None:
+        """A live block with no copy left (fell off the last tier, or found no room anywhere) is gone."""
+        if entry.alive and not entry.copies and not entry.placing:
+            entry.alive = False
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+            self._totals.dropped += 1
+
+    def _count_hit(self, t: int) -> None:
+        self._totals.hits += 1
+        self._counters[t].hits += 1
+        self._counters[t].bytes_read += self.payload_nbytes
+        for above in self._counters[:t]:
+            above.misses += 1
+
+    def _count_miss(self) -> None:
+        self._totals.misses += 1
+        for counters in self._counters:
+            counters.misses += 1
+
+    def _report(self, kind: str, message: str) -> None:
+        """Log a failure once at WARNING (then at DEBUG): it is always counted in stats."""
+        if kind in self._reported:
+            log.debug(message)
+        else:
+            self._reported.add(kind)
+            log.warning(message + " (further ones are counted in stats() and logged at DEBUG)")
+
+    # -- execution ------------------------------------------------------------------------------------------
+    def _run(self, tasks: list[Callable[[], None]], parallel: bool) -> list[BaseException | None]:
+        """Run byte-moving tasks (on the I/O pool when ``parallel``); returns each one's exception or None."""
+        def attempt(task: Callable[[], None]) -> BaseException | None:
+            try:
+                task()
+                return None
+            except Exception as exc:  # reported per block by the caller, never swallowed
+                return exc
+
+        if parallel and self._pool is not None and len(tasks) > 1:
+            return list(self._pool.map(attempt, tasks))
+        return [attempt(task) for task in tasks]
+
+    @staticmethod
+    def _raise_unexpected(errors: list[BaseException | None]) -> None:
+        """I/O errors and corruption are misses; anything else is a bug, raised once bookkeeping is consistent."""
+        for error in errors:
+            if error is not None and not isinstance(error, (OSError, CorruptBlock)):
+                raise error
+
+    def _commit(self, durable: bool = False) -> None:
+        for tier in self.tiers:
+            tier.commit(durable)

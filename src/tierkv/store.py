@@ -1,0 +1,236 @@
+"""``BlockStore``: the public facade. It validates input, builds the tiers and hands work to the manager."""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator, Sequence
+
+import torch
+
+from ._memory import aligned_empty, round_up
+from .config import StoreConfig
+from .errors import StoreClosed
+from .keys import KEY_BYTES
+from .layout import KVLayout
+from .manager import TierManager
+from .stats import StoreStats
+from .tiers import DiskTier, MemoryTier, Tier
+
+__all__ = ["BlockStore"]
+
+
+class BlockStore:
+    """Fixed-size KV-cache blocks in up to three tiers — device, host, disk — keyed by 16-byte prefix keys.
+
+    ``layout`` fixes the block shape ``[num_layers, 2, block_tokens, num_kv_heads, head_dim]`` and dtype;
+    ``config`` the tier capacities (default: ``StoreConfig()``). The store's ``device`` is the current CUDA
+    device when CUDA is available and ``device_bytes > 0``, else the CPU; ``get`` returns blocks there.
+
+    Blocks go to the top tier on ``put``; when a tier is full its least recently used blocks move one tier
+    down, and off the last one. ``get`` promotes lower-tier hits to the top. All methods are thread-safe.
+    Use as a context manager, or call ``close()``, which also writes resident blocks to the disk tier.
+
+    Raises ``ValueError`` for a nonzero tier capacity smaller than one block, or an unusable ``disk_path``;
+    ``tierkv.LayoutMismatch`` when ``disk_path`` holds blocks of another layout; ``tierkv.StoreInUse`` when
+    another open store holds ``disk_path``.
+    """
+
+    def __init__(self, layout: KVLayout, config: StoreConfig | None = None) -> None:
+        if not isinstance(layout, KVLayout):
+            raise TypeError(f"expected layout as tierkv.KVLayout, got {type(layout).__name__}")
+        config = StoreConfig() if config is None else config
+        if not isinstance(config, StoreConfig):
+            raise TypeError(f"expected config as tierkv.StoreConfig, got {type(config).__name__}")
+        self.layout = layout
+        self.config = config
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if config.device_bytes and torch.cuda.is_available() else torch.device("cpu"))
+        self._check_capacities()
+        self._manager = TierManager(self._open_tiers(), config.policy, config.io_threads)
+        self._state = threading.Condition()
+        self._active = 0
+        self._closed = False
+
+    def _check_capacities(self) -> None:
+        nbytes = self.layout.block_nbytes
+        for name in ("device_bytes", "host_bytes"):
+            value = getattr(self.config, name)
+            if 0 < value < nbytes:
+                raise ValueError(f"expected {name} of 0 or at least one block ({nbytes} bytes for {self.layout}), "
+                                 f"got {value}")
+        if self.config.disk_path is not None and self.config.disk_bytes < round_up(nbytes):
+            raise ValueError(f"expected disk_bytes of at least one 4096-aligned block ({round_up(nbytes)} bytes "
+                             f"for {self.layout}), got {self.config.disk_bytes}")
+
+    def _open_tiers(self) -> list[Tier]:
+        c, nbytes = self.config, self.layout.block_nbytes
+        tiers: list[Tier] = []
+        try:
+            if c.device_bytes:
+                tiers.append(MemoryTier("device", c.device_bytes, nbytes, self.device))
+            if c.host_bytes:
+                tiers.append(MemoryTier("host", c.host_bytes, nbytes, torch.device("cpu"), pinned=True))
+            if c.disk_path is not None:
+                tiers.append(DiskTier(c.disk_path, c.disk_bytes, self.layout, c.disk_backend, c.disk_codec))
+        except BaseException:
+            for tier in tiers:
+                tier.close()
+            raise
+        return tiers
+
+    # -- operations ---------------------------------------------------------------------------------------------
+    def put(self, keys: Sequence[bytes], blocks: torch.Tensor) -> int:
+        """Store ``blocks[i]`` under ``keys[i]``.
+
+        ``blocks``: ``[len(keys), num_layers, 2, block_tokens, num_kv_heads, head_dim]`` of ``layout.dtype``,
+        on any device, contiguous or not. Keys passed together form a prefix chain (each the parent of the
+        next). A key already stored keeps its stored bytes and becomes most recently used.
+        Returns the number of blocks newly stored. Running out of room is not an error: the least recently
+        used blocks move down a tier, and off the last one.
+
+        Raises ``TypeError``/``ValueError`` (the store unchanged) for keys that are not 16-byte ``bytes``, a
+        tensor of another dtype or shape, or ``len(keys) != blocks.shape[0]``.
+        """
+        keys = self._check_keys(keys)
+        data = self._check_blocks(keys, blocks)
+        with self._operation():
+            return self._manager.put(keys, data)
+
+    def get(self, keys: Sequence[bytes], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks of ``keys`` as ``[len(keys), *layout.block_shape]`` of ``layout.dtype``.
+
+        Returns a new tensor on the store's device, or fills and returns ``out`` (same shape and dtype,
+        contiguous, any device). Blocks found below the top tier are promoted to it.
+
+        Raises ``tierkv.BlockNotFound`` (a ``KeyError``) naming the first key that is not retrievable — never
+        stored, evicted, deleted, or whose stored bytes failed their checksum (counted in ``stats().corrupt``);
+        ``out`` may then be partly written.
+        """
+        keys = self._check_keys(keys)
+        shape = (len(keys), *self.layout.block_shape)
+        if out is None:
+            out = self._empty(shape)
+        else:
+            self._check_out(out, shape)
+        with self._operation():
+            self._manager.get(keys, out.view(torch.uint8).view(len(keys), self.layout.block_nbytes))
+        return out
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Length of the longest prefix of ``keys`` that ``get`` can return (answered from the index)."""
+        keys = self._check_keys(keys)
+        with self._operation():
+            return self._manager.lookup(keys)
+
+    def __contains__(self, key: bytes) -> bool:
+        key = self._check_keys([key])[0]
+        with self._operation():
+            return self._manager.contains(key)
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        """Remove blocks from every tier, durably on disk. Missing keys are ignored. Returns how many existed."""
+        keys = self._check_keys(keys)
+        with self._operation():
+            return self._manager.delete(keys)
+
+    def flush(self) -> None:
+        """Copy every resident block to the disk tier (when there is one) and make it durable there.
+
+        Afterwards a store reopened on the same ``disk_path`` finds every block this one held.
+        """
+        with self._operation():
+            self._manager.flush()
+
+    def stats(self) -> StoreStats:
+        """Per-tier and store-wide counters (see :class:`tierkv.StoreStats`)."""
+        with self._operation():
+            return self._manager.stats()
+
+    @property
+    def tier_names(self) -> list[str]:
+        """Enabled tiers, fastest first: a subset of ``["device", "host", "disk"]``."""
+        return [t.name for t in self._manager.tiers]
+
+    # -- lifetime -----------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Wait for calls in progress, write resident blocks to the disk tier, release memory, files and
+        threads. Idempotent; any later call raises ``tierkv.StoreClosed``."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            while self._active:
+                self._state.wait()
+        self._manager.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "BlockStore":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "+".join(self.tier_names)
+        return f"BlockStore({self.layout}, tiers={state}, device={self.device})"
+
+    @contextlib.contextmanager
+    def _operation(self) -> Iterator[None]:
+        with self._state:
+            if self._closed:
+                raise StoreClosed("expected an open store, got one that was closed")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._active -= 1
+                if not self._active:
+                    self._state.notify_all()
+
+    # -- input checks -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_keys(keys: Sequence[bytes]) -> list[bytes]:
+        if isinstance(keys, (bytes, bytearray, memoryview, str)) or not hasattr(keys, "__iter__"):
+            raise TypeError(f"expected a sequence of {KEY_BYTES}-byte keys, got {type(keys).__name__}")
+        keys = list(keys)
+        for key in keys:
+            if not isinstance(key, bytes):
+                raise TypeError(f"expected keys as bytes, got {type(key).__name__}")
+            if len(key) != KEY_BYTES:
+                raise ValueError(f"expected {KEY_BYTES}-byte keys, got a key of {len(key)} bytes")
+        return keys
+
+    def _check_blocks(self, keys: list[bytes], blocks: torch.Tensor) -> torch.Tensor:
+        """Validate ``blocks`` and return them as ``[n, block_nbytes]`` uint8 (contiguous, same device)."""
+        if not isinstance(blocks, torch.Tensor):
+            raise TypeError(f"expected blocks as a torch.Tensor, got {type(blocks).__name__}")
+        if blocks.dtype != self.layout.dtype:
+            raise TypeError(f"expected blocks of dtype {self.layout.dtype}, got {blocks.dtype}")
+        expected = [len(keys), *self.layout.block_shape]
+        if list(blocks.shape[1:]) != expected[1:]:
+            raise ValueError(f"expected blocks of shape {expected}, got {list(blocks.shape)}")
+        if blocks.shape[0] != len(keys):
+            raise ValueError(f"expected {len(keys)} blocks (one per key), got {blocks.shape[0]}")
+        return blocks.detach().contiguous().view(torch.uint8).view(len(keys), self.layout.block_nbytes)
+
+    def _check_out(self, out: torch.Tensor, shape: tuple[int, ...]) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"expected out as a torch.Tensor, got {type(out).__name__}")
+        if out.dtype != self.layout.dtype:
+            raise TypeError(f"expected out of dtype {self.layout.dtype}, got {out.dtype}")
+        if tuple(out.shape) != shape:
+            raise ValueError(f"expected out of shape {list(shape)}, got {list(out.shape)}")
+        if not out.is_contiguous():
+            raise ValueError("expected a contiguous out tensor, got a non-contiguous one")
+
+    def _empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.device.type == "cpu":  # page-aligned, so disk reads land in it directly
+            numel = 1
+            for d in shape:
+                numel *= d
+            return aligned_empty(numel * self.layout.dtype.itemsize).view(self.layout.dtype).view(shape)
+        return torch.empty(shape, dtype=self.layout.dtype, device=self.device)

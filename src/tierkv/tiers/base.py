@@ -1,0 +1,100 @@
+"""The ``Tier`` protocol: fixed-size slots that hold one block each.
+
+A tier moves bytes in and out of its slots and says what it can do; it never decides which block goes where
+(that is the tier manager's job) and never looks at keys except to persist where they live.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["Tier", "SlotAllocator", "CorruptBlock"]
+
+
+class CorruptBlock(Exception):
+    """The bytes read back from a slot do not match the checksum recorded when they were written."""
+
+
+@runtime_checkable
+class Tier(Protocol):
+    name: str
+    #: bytes of one block as stored (what ``read``/``write`` move)
+    payload_nbytes: int
+    #: bytes of capacity one slot costs (payload plus alignment)
+    slot_nbytes: int
+    capacity_slots: int
+    #: slots are memory that ``view(slot)`` exposes (no I/O needed to read them)
+    addressable: bool
+    #: blocks survive close/reopen (``recover`` finds them)
+    persistent: bool
+    device: torch.device
+
+    @property
+    def free_slots(self) -> int: ...
+
+    def allocate(self) -> int | None:
+        """A free slot, or None when the tier is full."""
+
+    def free(self, slot: int) -> None: ...
+
+    def view(self, slot: int) -> torch.Tensor:
+        """1-D uint8 view of a slot's payload (addressable tiers only)."""
+
+    def write(self, slot: int, src: torch.Tensor) -> None:
+        """Store ``src`` (1-D uint8, ``payload_nbytes``, any device) in ``slot``. Raises ``OSError`` on I/O failure."""
+
+    def read(self, slot: int, dst: torch.Tensor) -> None:
+        """Copy ``slot`` into ``dst`` (1-D uint8, any device). Raises ``CorruptBlock`` or ``OSError``."""
+
+    def bind(self, key: bytes, slot: int) -> None:
+        """``key``'s copy in ``slot`` is complete (persistent tiers record it)."""
+
+    def unbind(self, key: bytes, slot: int) -> None:
+        """``key`` no longer lives in ``slot`` (persistent tiers forget it)."""
+
+    def recover(self) -> list[tuple[bytes, int]]:
+        """Blocks found at open, ``(key, slot)`` least recently used first (empty for volatile tiers)."""
+
+    def commit(self, durable: bool = False) -> None:
+        """Make recorded bindings visible to a later open; ``durable`` also forces them to stable storage."""
+
+    def close(self) -> None: ...
+
+
+class SlotAllocator:
+    """Free-slot bookkeeping for ``n`` slots. Not thread-safe: the tier manager serialises calls."""
+
+    def __init__(self, n: int) -> None:
+        self.capacity = n
+        self._free = list(range(n - 1, -1, -1))  # a stack; low slots first keeps files dense
+        self._used = bytearray(n)
+
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int | None:
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._used[slot] = 1
+        return slot
+
+    def claim(self, slot: int) -> None:
+        """Mark a specific slot used (recovery of a persistent tier)."""
+        assert not self._used[slot], f"slot {slot} claimed twice"
+        self._used[slot] = 1
+        self._free.remove(slot)
+
+    def claim_all(self, slots: list[int]) -> None:
+        claimed = set(slots)
+        assert len(claimed) == len(slots), "a slot claimed twice"
+        for slot in claimed:
+            self._used[slot] = 1
+        self._free = [s for s in self._free if s not in claimed]
+
+    def free(self, slot: int) -> None:
+        assert self._used[slot], f"slot {slot} freed twice"
+        self._used[slot] = 0
+        self._free.append(slot)

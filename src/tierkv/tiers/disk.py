@@ -1,0 +1,209 @@
+"""Disk tier: fixed 4096-aligned slots in one preallocated data file, an lmdb index, xxh3-64 checksums.
+
+Directory layout (created owner-only): ``blocks.data`` (slot i at byte ``i * slot_nbytes``), ``index.lmdb/``
+(key -> slot, size, codec, checksum, last access), ``LOCK`` (held while a store has the directory open).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import threading
+
+import torch
+import xxhash
+
+from .._memory import aligned_empty, is_aligned, round_up
+from ..errors import StoreInUse
+from ..index import CODEC_IDS, DiskIndex, IndexRecord, now
+from ..io import open_data_file
+from ..layout import KVLayout
+from .base import CorruptBlock, SlotAllocator
+
+__all__ = ["DiskTier"]
+
+log = logging.getLogger("tierkv.disk")
+
+DATA_FILE = "blocks.data"
+LOCK_FILE = "LOCK"
+
+
+def checksum(buf: torch.Tensor) -> int:
+    return xxhash.xxh3_64_intdigest(memoryview(buf.numpy()).cast("B"))
+
+
+class DiskTier:
+    addressable = False
+    persistent = True
+    name = "disk"
+    device = torch.device("cpu")
+
+    def __init__(self, path: str, capacity_bytes: int, layout: KVLayout, backend: str = "auto",
+                 codec: str = "none") -> None:
+        self.payload_nbytes = layout.block_nbytes
+        self.slot_nbytes = round_up(self.payload_nbytes)
+        self.capacity_slots = capacity_bytes // self.slot_nbytes
+        self.path = path
+        self._codec = codec
+        self._open_directory(path)
+        try:
+            self._index = DiskIndex(path, {"layout": layout.to_dict(), "slot_nbytes": self.slot_nbytes,
+                                           "codec": codec}, self.capacity_slots)
+            try:
+                self._file = open_data_file(os.path.join(path, DATA_FILE), self.capacity_slots * self.slot_nbytes,
+                                            backend)
+            except BaseException:
+                self._index.close()
+                raise
+        except BaseException:
+            self._release_lock()
+            raise
+        self.backend = self._file.name
+        self.direct_io = self._file.direct
+        self._slots = SlotAllocator(self.capacity_slots)
+        self._checksums = [0] * self.capacity_slots
+        self._slot_key: dict[int, bytes] = {}
+        self._key_slot: dict[bytes, int] = {}
+        self._seq = itertools.count(1)  # next() is atomic under the GIL: I/O threads stage records too
+        self._staging = threading.local()
+        # Staging buffers are pinned when CUDA exists, so device<->disk copies run at DMA speed.
+        self._pin_staging = torch.cuda.is_available()
+
+    # -- directory, lock ------------------------------------------------------------------------------------
+    def _open_directory(self, path: str) -> None:
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            self._lock_fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ValueError(f"expected a writable directory for disk_path, got {path!r}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StoreInUse(f"disk_path {path!r} is already open by another store; close it first or use "
+                                 "another directory") from None
+            raise
+        if not os.access(path, os.W_OK):
+            self._release_lock()
+            raise ValueError(f"expected a writable directory for disk_path, got {path!r} (permission denied)")
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # -- slots ----------------------------------------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return self._slots.free_count
+
+    def allocate(self) -> int | None:
+        return self._slots.allocate()
+
+    def free(self, slot: int) -> None:
+        self._slots.free(slot)
+
+    def view(self, slot: int) -> torch.Tensor:
+        raise TypeError("the disk tier is not addressable; use read()")
+
+    def _staging_buffer(self) -> torch.Tensor:
+        buf = getattr(self._staging, "buf", None)
+        if buf is None:
+            buf = self._staging.buf = aligned_empty(self.slot_nbytes, pinned=self._pin_staging)
+        return buf
+
+    def _direct_buffer(self, t: torch.Tensor) -> torch.Tensor | None:
+        """``t`` itself when the file can DMA into or out of it (aligned host memory of a whole slot)."""
+        if self.slot_nbytes == self.payload_nbytes and t.is_contiguous() and is_aligned(t):
+            return t
+        return None
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def write(self, slot: int, src: torch.Tensor) -> None:
+        buf = self._direct_buffer(src)
+        if buf is None:
+            buf = self._staging_buffer()
+            buf[:self.payload_nbytes].copy_(src)
+        digest = checksum(buf[:self.payload_nbytes])
+        self._file.pwrite(buf, slot * self.slot_nbytes)
+        self._checksums[slot] = digest
+
+    def read(self, slot: int, dst: torch.Tensor) -> None:
+        buf = self._direct_buffer(dst)
+        staged = buf is None
+        if staged:
+            buf = self._staging_buffer()
+        self._file.pread(buf, slot * self.slot_nbytes)
+        if checksum(buf[:self.payload_nbytes]) != self._checksums[slot]:
+            raise CorruptBlock(f"slot {slot} of {self._file.path}: checksum mismatch")
+        if staged:
+            dst.copy_(buf[:self.payload_nbytes])
+        key = self._slot_key.get(slot)
+        if key is not None:  # remember the access so the LRU order survives a restart
+            self._stage(key, slot)
+
+    # -- index ----------------------------------------------------------------------------------------------
+    def _stage(self, key: bytes, slot: int) -> None:
+        self._index.stage(key, IndexRecord(slot, self.payload_nbytes, CODEC_IDS[self._codec],
+                                           self._checksums[slot], now(), next(self._seq)))
+
+    def bind(self, key: bytes, slot: int) -> None:
+        self._slot_key[slot] = key
+        self._key_slot[key] = slot
+        self._stage(key, slot)
+
+    def unbind(self, key: bytes, slot: int) -> None:
+        if self._key_slot.get(key) == slot:
+            del self._key_slot[key]
+            self._index.stage(key, None)
+        if self._slot_key.get(slot) == key:
+            del self._slot_key[slot]
+
+    def recover(self) -> list[tuple[bytes, int]]:
+        """Load the index: drop records that point past the file, disagree with this format, or lose a slot
+        to a newer record; return the survivors least recently used first."""
+        owner: dict[int, tuple[bytes, IndexRecord]] = {}
+        stale: list[bytes] = []
+        for key, rec in self._index.records().items():
+            if (len(key) != 16 or rec.slot >= self.capacity_slots or rec.nbytes != self.payload_nbytes
+                    or rec.codec != CODEC_IDS[self._codec]):
+                stale.append(key)
+                continue
+            previous = owner.get(rec.slot)
+            if previous is not None:
+                older = previous if previous[1].seq < rec.seq else (key, rec)
+                stale.append(older[0])
+                if older is previous:
+                    owner[rec.slot] = (key, rec)
+                continue
+            owner[rec.slot] = (key, rec)
+        for key in stale:
+            self._index.stage(key, None)
+        if stale:
+            log.warning("%s: dropped %d index records that no longer match the data file", self.path, len(stale))
+            self._index.commit()
+        survivors = sorted(owner.values(), key=lambda kr: (kr[1].last_access, kr[1].seq))
+        self._slots.claim_all([rec.slot for _, rec in survivors])
+        for key, rec in survivors:
+            self._checksums[rec.slot] = rec.checksum
+            self._slot_key[rec.slot] = key
+            self._key_slot[key] = rec.slot
+        self._seq = itertools.count(max((rec.seq for _, rec in survivors), default=0) + 1)
+        return [(key, rec.slot) for key, rec in survivors]
+
+    def commit(self, durable: bool = False) -> None:
+        if durable:
+            self._file.sync()  # data before the index that points at it
+        self._index.commit(durable)
+
+    def close(self) -> None:
+        try:
+            self.commit(durable=True)
+        finally:
+            self._file.close()
+            self._index.close()
+            self._release_lock()
