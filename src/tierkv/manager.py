@@ -216,7 +216,12 @@ class TierManager:
         return removed
 
     def flush(self) -> None:
-        """Copy every resident block that has no copy in the persistent tier there, then sync that tier."""
+        """Copy every resident block that has no copy in the persistent tier there, then sync that tier.
+
+        Flushing only copies: to make room it evicts disk copies of blocks that also live in memory, never a
+        block's last copy nor one it has just written, so it never changes what ``get`` can return. Blocks that
+        do not fit stay in memory only.
+        """
         persistent = [t for t, tier in enumerate(self.tiers) if tier.persistent]
         if persistent:
             target = persistent[0]
@@ -229,8 +234,13 @@ class TierManager:
                     if source is not None:
                         source.pins += 1
                         moves.append(Move(entry, source=source))
+            flushing = {move.entry.key for move in moves}
+
+            def spare(key: bytes) -> bool:
+                return key in flushing or len(self._entries[key].copies) == 1
+
             try:
-                self._place_in_chunks(target, moves)
+                self._place(target, moves, spare=spare)
             finally:
                 with self._lock:
                     for move in moves:
@@ -361,11 +371,11 @@ class TierManager:
         for start in range(0, len(moves), chunk):
             self._place(t, moves[start:start + chunk])
 
-    def _place(self, t: int, moves: list[Move]) -> None:
+    def _place(self, t: int, moves: list[Move], spare: Callable[[bytes], bool] | None = None) -> None:
         """Give each move a ready copy in tier ``t`` or, when it has no room, a lower tier (or nothing).
 
         Called without the lock. Room is made by demoting the policy's victims one tier down first; their slots
-        pass straight to the moves that needed them.
+        pass straight to the moves that needed them. Keys for which ``spare`` is true are not evicted from ``t``.
         """
         if not moves or t == len(self.tiers):
             return
@@ -386,7 +396,7 @@ class TierManager:
                 move.dest = entry.copies[t] = Copy(t, slot, WRITING)
                 writes.append(move)
             if needs_room:
-                for move, (victim, copy) in zip(needs_room, self._choose_victims(t, len(needs_room))):
+                for move, (victim, copy) in zip(needs_room, self._choose_victims(t, len(needs_room), spare)):
                     copy.state = EVICTING
                     handovers.append((victim, copy))
                     move.dest = move.entry.copies[t] = Copy(t, copy.slot, WRITING)
@@ -435,16 +445,17 @@ class TierManager:
             self._changed.notify_all()
         self._raise_unexpected(errors)
 
-    def _choose_victims(self, t: int, n: int) -> list[tuple[Entry, Copy]]:
+    def _choose_victims(self, t: int, n: int, spare: Callable[[bytes], bool] | None = None
+                        ) -> list[tuple[Entry, Copy]]:
         """Up to ``n`` unpinned ready copies in tier ``t``, least valuable first (caller holds the lock)."""
-        def pinned(key: bytes) -> bool:
-            return self._entries[key].copies[t].pins > 0
+        def protected(key: bytes) -> bool:
+            return self._entries[key].copies[t].pins > 0 or (spare is not None and spare(key))
 
         policy = self._policies[t]
-        keys = policy.evict(n, pinned)
+        keys = policy.evict(n, protected)
         if keys is None:  # not n evictable: take what there is, one at a time
             keys = []
-            while len(keys) < n and (one := policy.evict(1, pinned)):
+            while len(keys) < n and (one := policy.evict(1, protected)):
                 keys.extend(one)
         victims = []
         for key in keys:
