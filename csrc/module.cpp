@@ -14,7 +14,7 @@ namespace {
 
 using TokenArray = nb::ndarray<const uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
-nb::bytes block_keys_py(TokenArray tokens, size_t block_tokens, nb::bytes root) {
+std::string compute_keys(TokenArray tokens, size_t block_tokens, nb::bytes root) {
     if (block_tokens == 0) throw std::invalid_argument("expected block_tokens >= 1, got 0");
     if (root.size() != tierkv::kKeyBytes)
         throw std::invalid_argument("expected a 16-byte root key, got " + std::to_string(root.size()) +
@@ -27,7 +27,29 @@ nb::bytes block_keys_py(TokenArray tokens, size_t block_tokens, nb::bytes root) 
         tierkv::block_keys(tokens.data(), n_tokens, block_tokens, root_bytes,
                            reinterpret_cast<uint8_t*>(out.data()));
     }
-    return nb::bytes(out.data(), out.size());
+    return out;
+}
+
+nb::bytes block_keys_packed_py(TokenArray tokens, size_t block_tokens, nb::bytes root) {
+    const std::string packed = compute_keys(tokens, block_tokens, root);
+    return nb::bytes(packed.data(), packed.size());
+}
+
+// One Python bytes object per key, built here: slicing a packed result in Python costs more than hashing.
+nb::list block_keys_py(TokenArray tokens, size_t block_tokens, nb::bytes root) {
+    const std::string packed = compute_keys(tokens, block_tokens, root);
+    const size_t n = packed.size() / tierkv::kKeyBytes;
+    PyObject* list = PyList_New(static_cast<Py_ssize_t>(n));
+    if (list == nullptr) throw nb::python_error();
+    for (size_t i = 0; i < n; ++i) {
+        PyObject* key = PyBytes_FromStringAndSize(packed.data() + i * tierkv::kKeyBytes, tierkv::kKeyBytes);
+        if (key == nullptr) {
+            Py_DECREF(list);
+            throw nb::python_error();
+        }
+        PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), key);  // steals the reference
+    }
+    return nb::steal<nb::list>(list);
 }
 
 }  // namespace
@@ -35,6 +57,7 @@ nb::bytes block_keys_py(TokenArray tokens, size_t block_tokens, nb::bytes root) 
 NB_MODULE(_C, m) {
     m.doc() = "tierkv native core (CPU)";
     m.def("block_keys", &block_keys_py, nb::arg("tokens"), nb::arg("block_tokens"), nb::arg("root"),
-          "Chained xxh3-128 block keys of a uint32 token array, concatenated: "
-          "(len(tokens) // block_tokens) * 16 bytes.");
+          "Chained xxh3-128 block keys of a uint32 token array: a list of 16-byte keys, one per full block.");
+    m.def("block_keys_packed", &block_keys_packed_py, nb::arg("tokens"), nb::arg("block_tokens"), nb::arg("root"),
+          "The same keys concatenated: (len(tokens) // block_tokens) * 16 bytes.");
 }

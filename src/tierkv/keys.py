@@ -6,6 +6,7 @@ block *and* everything before it, so "how much of this prompt is cached" is a lo
 """
 from __future__ import annotations
 
+import array
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ from . import ops
 __all__ = ["block_keys", "root_key", "block_keys_reference", "KEY_BYTES"]
 
 KEY_BYTES = 16
+_U32 = "I" if array.array("I").itemsize == 4 else "L"
 _DOMAIN = b"tierkv-v1"
 
 
@@ -41,8 +43,7 @@ def block_keys(token_ids: Any, block_tokens: int = 16, salt: bytes = b"") -> lis
     module = ops.native()
     if module is None:
         return _chain(tokens, block_tokens, root)
-    packed = module.block_keys(tokens, block_tokens, root)
-    return [packed[i:i + KEY_BYTES] for i in range(0, len(packed), KEY_BYTES)]
+    return module.block_keys(tokens, block_tokens, root)
 
 
 def block_keys_reference(token_ids: Any, block_tokens: int = 16, salt: bytes = b"") -> list[bytes]:
@@ -73,35 +74,40 @@ def _check_block_tokens(block_tokens: Any) -> int:
     return int(block_tokens)
 
 
+def _sequence_as_uint32(token_ids: Any) -> np.ndarray:
+    """Python ints -> uint32 in one C-level pass (``array`` checks type and range as it converts)."""
+    if not isinstance(token_ids, Sequence):
+        token_ids = list(token_ids)
+    try:
+        packed = array.array(_U32, token_ids)
+    except (TypeError, OverflowError):
+        for t in token_ids:  # the slow pass runs only to name the offending token
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise TypeError(f"expected integer token ids, got {type(t).__name__} ({t!r})") from None
+            if not 0 <= t < 2**32:
+                raise ValueError(f"expected token ids in [0, 2**32), got {int(t)}") from None
+        raise
+    return np.frombuffer(packed, dtype=np.uint32).astype("<u4", copy=False)
+
+
 def _as_uint32(token_ids: Any) -> np.ndarray:
     """Validate tokens and return them as a contiguous little-endian uint32 array."""
     if hasattr(token_ids, "detach") and hasattr(token_ids, "cpu"):  # a torch tensor, without importing torch
         if token_ids.is_floating_point() or token_ids.is_complex() or str(token_ids.dtype) == "torch.bool":
             raise TypeError(f"expected an integer token tensor, got dtype {token_ids.dtype}")
-        array = token_ids.detach().cpu().numpy()
+        values = token_ids.detach().cpu().numpy()
     elif isinstance(token_ids, np.ndarray):
-        array = token_ids
+        values = token_ids
     elif isinstance(token_ids, (str, bytes, bytearray)):
         raise TypeError(f"expected a sequence of token ids, got {type(token_ids).__name__}")
     else:
-        seq: Sequence[Any] = token_ids if isinstance(token_ids, Sequence) else list(token_ids)
-        for t in seq:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise TypeError(f"expected integer token ids, got {type(t).__name__} ({t!r})")
-        if not seq:
-            return np.empty(0, dtype="<u4")
-        # Python ints may exceed int64: check the range before numpy sees them.
-        lo, hi = min(seq), max(seq)
-        if lo < 0 or hi >= 2**32:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"expected token ids in [0, 2**32), got {int(bad)}")
-        return np.ascontiguousarray(np.asarray(seq, dtype=np.uint64).astype("<u4"))
-    if array.ndim != 1:
-        raise ValueError(f"expected a 1-D token array, got shape {list(array.shape)}")
-    if array.dtype.kind not in "iu":
-        raise TypeError(f"expected an integer token array, got dtype {array.dtype}")
-    if array.size:
-        lo, hi = int(array.min()), int(array.max())
+        return _sequence_as_uint32(token_ids)
+    if values.ndim != 1:
+        raise ValueError(f"expected a 1-D token array, got shape {list(values.shape)}")
+    if values.dtype.kind not in "iu":
+        raise TypeError(f"expected an integer token array, got dtype {values.dtype}")
+    if values.size:
+        lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= 2**32:
             raise ValueError(f"expected token ids in [0, 2**32), got {lo if lo < 0 else hi}")
-    return np.ascontiguousarray(array, dtype="<u4")
+    return np.ascontiguousarray(values, dtype="<u4")

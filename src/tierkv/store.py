@@ -151,6 +151,11 @@ class BlockStore:
         """Enabled tiers, fastest first: a subset of ``["device", "host", "disk"]``."""
         return [t.name for t in self._manager.tiers]
 
+    def tier_info(self) -> list[dict]:
+        """Each enabled tier, fastest first: name, device, capacity in blocks, slot size in bytes, and
+        ``pinned`` (memory tiers) or ``path``, ``backend`` (``posix``/``kvikio``) and ``direct_io`` (disk)."""
+        return [t.describe() for t in self._manager.tiers]
+
     # -- lifetime -----------------------------------------------------------------------------------------------
     def close(self) -> None:
         """Wait for calls in progress, write resident blocks to the disk tier, release memory, files and

@@ -59,6 +59,9 @@ class Tier(Protocol):
     def commit(self, durable: bool = False) -> None:
         """Make recorded bindings visible to a later open; ``durable`` also forces them to stable storage."""
 
+    def describe(self) -> dict:
+        """Plain-data description: name, device, capacity, slot size and backend details."""
+
     def close(self) -> None: ...
 
 

@@ -200,6 +200,11 @@ class DiskTier:
             self._file.sync()  # data before the index that points at it
         self._index.commit(durable)
 
+    def describe(self) -> dict:
+        return {"name": self.name, "device": str(self.device), "capacity_blocks": self.capacity_slots,
+                "slot_nbytes": self.slot_nbytes, "path": self.path, "backend": self.backend,
+                "direct_io": self.direct_io}
+
     def close(self) -> None:
         try:
             self.commit(durable=True)

@@ -66,5 +66,9 @@ class MemoryTier:
     def commit(self, durable: bool = False) -> None:
         pass  # copies into the slab are synchronous; nothing is pending
 
+    def describe(self) -> dict:
+        return {"name": self.name, "device": str(self.device), "capacity_blocks": self.capacity_slots,
+                "slot_nbytes": self.slot_nbytes, "pinned": self.pinned}
+
     def close(self) -> None:
         self._slab = None  # type: ignore[assignment]  # release the memory now, not at garbage collection

@@ -1,0 +1,1 @@
+"""Standalone benchmarks of tierkv (``tierkv bench``); see :mod:`tierkv.bench.tier`."""

@@ -1,0 +1,110 @@
+"""The tier benchmark runs end to end on tiny sizes and reports every figure.
+
+No timing is asserted: machines are shared and noisy. What is checked is that every section is there, every
+figure is a positive number and the store returned the bytes it was given.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import math
+import os
+
+import pytest
+
+from tierkv.bench.progress import Progress
+from tierkv.bench.tier import main
+
+TINY = ["--layers", "2", "--kv-heads", "2", "--head-dim", "64", "--block-tokens", "16",  # 16 KiB blocks
+        "--total-bytes", "1MiB", "--repeats", "2", "--threads", "2", "--prompt-tokens", "4096"]
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "results" / "tier_bench.json"
+    assert main([*TINY, "--disk-dir", str(tmp), "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_every_tier_reports_positive_bandwidth_beside_its_ceiling(report: dict) -> None:
+    assert set(report["tiers"]) == {"host", "device", "disk"}
+    for tier, section in report["tiers"].items():
+        assert section["verified"], (tier, section["verify_failures"])
+        assert set(section["paths"]) == {"put", "get_out", "get_fresh"}
+        for op, path in section["paths"].items():
+            for name in ("ours_gbps", "ceiling_gbps", "ratio", "bytes"):
+                assert _positive(path[name]), (tier, op, name, path[name])
+            assert len(path["ours_s"]) == len(path["ceiling_s"]) == 2
+            assert all(_positive(s) for s in path["ours_s"] + path["ceiling_s"])
+
+
+def test_targets_are_reported_for_the_judged_paths_only(report: dict) -> None:
+    host, disk = report["tiers"]["host"]["paths"], report["tiers"]["disk"]["paths"]
+    for path in (host["put"], host["get_out"], disk["put"], disk["get_out"]):
+        assert path["target_ratio"] == 0.8 and path["result"] in ("PASS", "BELOW")
+    assert host["get_fresh"]["target_ratio"] is None and host["get_fresh"]["result"] == "info"
+
+
+def test_disk_section_says_how_the_ceiling_was_measured(report: dict) -> None:
+    disk = report["tiers"]["disk"]
+    assert isinstance(disk["o_direct"], bool)
+    assert disk["filesystem"]["type"]
+    assert "pwritev" in disk["ceiling"]
+
+
+def test_block_keys_reports_reference_and_native_when_built(report: dict) -> None:
+    keys = report["keys"]
+    assert keys["verified"], keys["verify_failures"]
+    assert keys["keys"] == 4096 // 16
+    assert _positive(keys["reference_best_s"])
+    if keys["native_status"].startswith("native"):
+        assert _positive(keys["native_best_s"]) and _positive(keys["speedup"])
+    else:
+        assert keys["speedup"] is None
+
+
+def test_machine_and_config_are_described(report: dict) -> None:
+    machine, config = report["machine"], report["config"]
+    assert _positive(machine["cpu_cores"]) and _positive(machine["memory_bytes"])
+    assert machine["torch"] and machine["native_ops"]
+    assert config["block_nbytes"] == 2 * 2 * 16 * 2 * 64 * 2
+    assert config["blocks"] == (1 << 20) // config["block_nbytes"]
+    assert _positive(report["duration_s"]) and report["verified"]
+
+
+def test_tier_subset_runs_only_what_was_asked(tmp_path) -> None:
+    out = tmp_path / "r.json"
+    assert main([*TINY, "--tiers", "host", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["tiers"]) == {"host"} and "keys" not in data
+
+
+def test_disk_ceiling_falls_back_to_buffered_io_where_o_direct_is_refused(tmp_path, monkeypatch) -> None:
+    real_open = os.open
+
+    def open_without_direct(path, flags, *args, **kwargs):  # what tmpfs on older kernels answers
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_without_direct)
+    out = tmp_path / "r.json"
+    assert main([*TINY, "--tiers", "disk", "--disk-dir", str(tmp_path), "--out", str(out)]) == 0
+    disk = json.loads(out.read_text())["tiers"]["disk"]
+    assert disk["o_direct"] is False and "buffered" in disk["ceiling"]
+    assert any("O_DIRECT" in note for note in disk["notes"])
+    assert all(_positive(p["ours_gbps"]) and _positive(p["ceiling_gbps"]) for p in disk["paths"].values())
+
+
+def test_progress_writes_plain_lines_when_not_a_terminal() -> None:
+    stream = io.StringIO()
+    with Progress(2, stream=stream) as progress:
+        progress.step("first")
+        progress.step("second")
+    assert stream.getvalue() == "[1/2] first\n[2/2] second\n"
