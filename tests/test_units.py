@@ -66,20 +66,47 @@ def test_config_is_frozen():
 # -- eviction policy -----------------------------------------------------------------------------------------
 def test_lru_evicts_the_longest_idle_first_and_skips_protected():
     policy = LRUPolicy()
-    for key in (b"a", b"b", b"c", b"d"):
-        policy.insert(key)
-    policy.touch(b"a")  # order now b, c, d, a
+    for stamp, key in enumerate((b"a", b"b", b"c", b"d")):
+        policy.insert(key, stamp)
+    policy.touch(b"a", 10)  # order now b, c, d, a
     assert policy.evict(2, protected=lambda k: k == b"b") == [b"c", b"d"]
-    assert list(policy._order) == [b"b", b"a"]
+    assert policy.order() == [b"b", b"a"]
+
+
+def test_lru_orders_by_last_use_not_by_arrival():
+    policy = LRUPolicy()
+    policy.insert(b"recent", 50)
+    policy.insert(b"demoted", 7)  # arrives later, but was last used long ago
+    assert policy.order() == [b"demoted", b"recent"]
+
+
+def test_lru_never_evicts_a_block_more_recent_than_the_one_needing_room():
+    policy = LRUPolicy()
+    policy.insert(b"a", 5)
+    policy.insert(b"b", 9)
+    assert policy.evict(1, protected=lambda k: False, newer_than=5) is None
+    assert policy.evict(1, protected=lambda k: False, newer_than=6) == [b"a"]
+    assert policy.evict(1, protected=lambda k: False, newer_than=6) is None and b"b" in policy
 
 
 def test_lru_evict_is_all_or_nothing():
     policy = make_policy("lru")
-    policy.insert(b"a")
-    policy.insert(b"b")
+    policy.insert(b"a", 1)
+    policy.insert(b"b", 2)
     assert policy.evict(2, protected=lambda k: k == b"a") is None
     assert len(policy) == 2 and b"a" in policy and b"b" in policy
     assert policy.evict(0, protected=lambda k: False) == []
+    assert policy.evict(2, protected=lambda k: False) == [b"a", b"b"] and len(policy) == 0
+
+
+def test_lru_stays_compact_under_many_touches():
+    policy = LRUPolicy()
+    policy.insert(b"a", 0)
+    policy.insert(b"b", 1)
+    for stamp in range(2, 10_000):
+        policy.touch(b"a", stamp)
+    assert len(policy._heap) < 200
+    assert policy.order() == [b"b", b"a"]
 
 
 def test_unknown_policy_name_is_a_value_error():

@@ -54,10 +54,11 @@ class Entry:
     """A block and its copies. ``alive`` turns False when it is deleted or lost; work in flight on a dead
     entry frees what it holds when it finishes."""
 
-    __slots__ = ("key", "copies", "alive", "placing")
+    __slots__ = ("key", "copies", "alive", "placing", "stamp")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, stamp: int) -> None:
         self.key = key
+        self.stamp = stamp  # last use on the manager's logical clock: one recency order across all tiers
         self.copies: dict[int, Copy] = {}
         self.alive = True
         self.placing = False  # put() is still finding it a tier: readers wait, nobody drops it
@@ -117,6 +118,7 @@ class TierManager:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._reported: set[str] = set()
+        self._clock = 0
         # Disk I/O of a batch runs on a pool; memory copies are bandwidth-bound and stay on the caller's thread.
         needs_io = any(not t.addressable for t in self.tiers)
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="tierkv-io") if needs_io else None
@@ -124,10 +126,12 @@ class TierManager:
 
     def _recover(self) -> None:
         for t, tier in enumerate(self.tiers):
-            for key, slot in tier.recover():
-                entry = self._entries.setdefault(key, Entry(key))
+            for key, slot in tier.recover():  # least recently used first
+                entry = self._entries.get(key)
+                if entry is None:
+                    entry = self._entries[key] = Entry(key, self._tick())
                 entry.copies[t] = Copy(t, slot, READY)
-                self._policies[t].insert(key)
+                self._policies[t].insert(key, entry.stamp)
 
     # -- public operations ----------------------------------------------------------------------------------
     def put(self, keys: Sequence[bytes], data: torch.Tensor) -> int:
@@ -139,7 +143,7 @@ class TierManager:
                 if entry is not None:
                     self._touch(entry)
                     continue
-                entry = self._entries[key] = Entry(key)
+                entry = self._entries[key] = Entry(key, self._tick())
                 entry.placing = True
                 moves.append(Move(entry, data=data[i]))
             self._totals.puts += len(moves)
@@ -365,8 +369,8 @@ class TierManager:
 
     # -- placing --------------------------------------------------------------------------------------------
     def _place_in_chunks(self, t: int, moves: list[Move]) -> None:
-        # A batch larger than the tier would evict its own first blocks; chunks let later blocks push out
-        # earlier ones in order, as the LRU order says they should.
+        # A batch larger than the tier would otherwise push its own blocks straight past it; in chunks the
+        # size of the tier, later (more recent) blocks push out earlier ones, as their recency says.
         chunk = max(1, self.tiers[t].capacity_slots)
         for start in range(0, len(moves), chunk):
             self._place(t, moves[start:start + chunk])
@@ -375,46 +379,51 @@ class TierManager:
         """Give each move a ready copy in tier ``t`` or, when it has no room, a lower tier (or nothing).
 
         Called without the lock. Room is made by demoting the policy's victims one tier down first; their slots
-        pass straight to the moves that needed them. Keys for which ``spare`` is true are not evicted from ``t``.
+        pass straight to the moves that needed them. Keys for which ``spare`` is true are not evicted (from ``t``
+        or the tiers below).
         """
         if not moves or t == len(self.tiers):
             return
         tier = self.tiers[t]
         writes: list[Move] = []
         handovers: list[tuple[Entry, Copy]] = []
-        overflow: list[Move] = []
         with self._lock:
-            needs_room: list[Move] = []
-            for move in moves:
-                entry = move.entry
-                if not entry.alive or t in entry.copies:
-                    continue  # gone meanwhile, or already has a copy here: nothing to write
+            candidates = [m for m in moves if m.entry.alive and t not in m.entry.copies]  # others: nothing to do
+            candidates.sort(key=lambda m: m.entry.stamp, reverse=True)  # the most recent get room first
+            free = min(tier.free_slots, len(candidates))
+            for move in candidates[:free]:
                 slot = tier.allocate()
-                if slot is None:
-                    needs_room.append(move)
-                    continue
-                move.dest = entry.copies[t] = Copy(t, slot, WRITING)
+                assert slot is not None, f"{tier.name} tier reported a free slot it did not have"
+                move.dest = move.entry.copies[t] = Copy(t, slot, WRITING)
                 writes.append(move)
-            if needs_room:
-                for move, (victim, copy) in zip(needs_room, self._choose_victims(t, len(needs_room), spare)):
-                    copy.state = EVICTING
-                    handovers.append((victim, copy))
-                    move.dest = move.entry.copies[t] = Copy(t, copy.slot, WRITING)
-                    writes.append(move)
-                overflow = needs_room[len(handovers):]
+            overflow = candidates[free:]
+            while overflow:
+                # Displace a block only when it is worth less than the one that needs the room; a block
+                # coming down that is older than everything here falls further instead.
+                victim = self._choose_victim(t, overflow[0].entry.stamp, spare)
+                if victim is None:
+                    break
+                move = overflow.pop(0)
+                entry, copy = victim
+                copy.state = EVICTING
+                handovers.append(victim)
+                move.dest = move.entry.copies[t] = Copy(t, copy.slot, WRITING)
+                writes.append(move)
         try:
-            if handovers:  # victims' bytes must be out of their slots before new bytes land there
-                self._place(t + 1, [Move(victim, source=copy) for victim, copy in handovers])
+            try:
+                if handovers:  # victims' bytes must be out of their slots before new bytes land there
+                    self._place(t + 1, [Move(victim, source=copy) for victim, copy in handovers], spare)
+            finally:
+                if handovers:
+                    with self._lock:
+                        for victim, copy in handovers:
+                            self._detach(victim, copy, free_slot=False)  # the slot now belongs to a writing copy
+                            self._counters[t].evictions += 1
+                            self._drop_if_empty(victim)
+                        self._changed.notify_all()
+            self._place(t + 1, overflow, spare)
         finally:
-            if handovers:
-                with self._lock:
-                    for victim, copy in handovers:
-                        self._detach(victim, copy, free_slot=False)  # the slot now belongs to a writing copy
-                        self._counters[t].evictions += 1
-                        self._drop_if_empty(victim)
-                    self._changed.notify_all()
-        self._place(t + 1, overflow)
-        self._write(t, writes)
+            self._write(t, writes)  # even after a failure below, no copy may stay "writing" forever
 
     def _write(self, t: int, writes: list[Move]) -> None:
         tier = self.tiers[t]
@@ -433,7 +442,7 @@ class TierManager:
                         self._counters[move.source.tier].bytes_read += self.payload_nbytes
                     if entry.alive:
                         tier.bind(entry.key, copy.slot)
-                        self._policies[t].insert(entry.key)
+                        self._policies[t].insert(entry.key, entry.stamp)
                     else:
                         self._detach(entry, copy, free_slot=True)
                 else:
@@ -445,25 +454,20 @@ class TierManager:
             self._changed.notify_all()
         self._raise_unexpected(errors)
 
-    def _choose_victims(self, t: int, n: int, spare: Callable[[bytes], bool] | None = None
-                        ) -> list[tuple[Entry, Copy]]:
-        """Up to ``n`` unpinned ready copies in tier ``t``, least valuable first (caller holds the lock)."""
+    def _choose_victim(self, t: int, newer_than: int, spare: Callable[[bytes], bool] | None
+                       ) -> tuple[Entry, Copy] | None:
+        """The least valuable unpinned ready copy in tier ``t`` worth less than a block last used at
+        ``newer_than``, now marked for eviction by the policy; None when there is none (caller holds the lock)."""
         def protected(key: bytes) -> bool:
             return self._entries[key].copies[t].pins > 0 or (spare is not None and spare(key))
 
-        policy = self._policies[t]
-        keys = policy.evict(n, protected)
-        if keys is None:  # not n evictable: take what there is, one at a time
-            keys = []
-            while len(keys) < n and (one := policy.evict(1, protected)):
-                keys.extend(one)
-        victims = []
-        for key in keys:
-            entry = self._entries[key]
-            copy = entry.copies[t]
-            assert copy.state == READY and copy.pins == 0, f"policy chose {key.hex()} in state {copy.state}"
-            victims.append((entry, copy))
-        return victims
+        keys = self._policies[t].evict(1, protected, newer_than)
+        if not keys:
+            return None
+        entry = self._entries[keys[0]]
+        copy = entry.copies[t]
+        assert copy.state == READY and copy.pins == 0, f"policy chose {entry.key.hex()} in state {copy.state}"
+        return entry, copy
 
     # -- bookkeeping helpers (caller holds the lock) ----------------------------------------------------------
     def _best_ready(self, entry: Entry, only_addressable: bool = False) -> Copy | None:
@@ -473,10 +477,15 @@ class TierManager:
                 return copy
         return None
 
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
     def _touch(self, entry: Entry) -> None:
+        entry.stamp = self._tick()
         for t, copy in entry.copies.items():
             if copy.state == READY:
-                self._policies[t].touch(entry.key)
+                self._policies[t].touch(entry.key, entry.stamp)
 
     def _detach(self, entry: Entry, copy: Copy, free_slot: bool) -> None:
         """Make ``copy`` no longer the entry's copy in its tier; free its slot now or at the last unpin."""
