@@ -1,0 +1,144 @@
+"""All methods are safe to call from several threads at once.
+
+Eight threads put, get, look up and delete on one store whose tiers hold only a few blocks, so eviction and
+promotion run all the time. A block's bytes are a pure function of its key, so every thread can check every
+block it gets. The only exception allowed is BlockNotFound (a key evicted or deleted under our feet).
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+import tierkv
+from conftest import assert_bit_equal, block_for_key, blocks_for_keys, check_invariants, make_keys, make_tier_setup
+
+THREADS = 8
+# The full hierarchy gets the longest run; the other combinations a shorter one, to keep the suite fast.
+DURATION = {"device+host+disk": 3.0}
+DEFAULT_DURATION = 1.0
+
+
+def worker(store, layout, prompts, deadline, seed, errors, counts):
+    rng = random.Random(seed)
+    try:
+        while time.monotonic() < deadline:
+            keys = rng.choice(prompts)
+            op = rng.random()
+            if op < 0.35:  # put a chain of 1-4 keys of one prompt
+                start = rng.randrange(len(keys))
+                chain = keys[start:start + rng.randint(1, 4)]
+                store.put(chain, blocks_for_keys(chain, layout))
+                counts["put"] += 1
+            elif op < 0.65:  # get what lookup promised, or a random key
+                if rng.random() < 0.5:
+                    n = store.lookup(keys)
+                    chain = keys[:n]
+                else:
+                    chain = [rng.choice(keys)]
+                try:
+                    out = store.get(chain)
+                except tierkv.BlockNotFound as exc:
+                    assert any(k.hex() in str(exc) for k in chain), f"BlockNotFound for a key not asked: {exc}"
+                    counts["miss"] += 1
+                    continue
+                for i, k in enumerate(chain):
+                    assert_bit_equal(out[i], block_for_key(k, layout), f"key {k.hex()}")
+                counts["hit"] += 1
+            elif op < 0.85:
+                n = store.lookup(keys)
+                assert 0 <= n <= len(keys)
+                bool(rng.choice(keys) in store)
+                counts["lookup"] += 1
+            elif op < 0.95:
+                store.delete([rng.choice(keys)])
+                counts["delete"] += 1
+            else:
+                store.flush()
+                counts["flush"] += 1
+    except BaseException as exc:  # reported by the main thread
+        errors.append(exc)
+
+
+@pytest.mark.parametrize("combo", ["device", "device+host", "device+host+disk", "host+disk"])
+def test_threads_hammering_one_store(combo, tmp_path, layout):
+    setup = make_tier_setup(combo, tmp_path, layout)
+    prompts = [make_keys(8, seed=1000 + p) for p in range(6)]  # 48 keys, tiers of 2-4 blocks
+    errors: list[BaseException] = []
+    counts = {k: 0 for k in ("put", "hit", "miss", "lookup", "delete", "flush")}
+    with setup.open(device=2, host=3, disk=4) as store:
+        deadline = time.monotonic() + DURATION.get(combo, DEFAULT_DURATION)
+        threads = [threading.Thread(target=worker, args=(store, layout, prompts, deadline, seed, errors, counts),
+                                    name=f"tierkv-test-{seed}")
+                   for seed in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "a thread hangs (deadlock?)"
+        if errors:
+            raise errors[0]
+        assert counts["put"] > 0 and counts["hit"] > 0, counts
+
+        # afterwards the store is consistent, and every key it reports is served bit-exact
+        check_invariants(store, expected={k: block_for_key(k, layout) for p in prompts for k in p})
+        for keys in prompts:
+            for k in keys:
+                if k in store:
+                    assert_bit_equal(store.get([k])[0], block_for_key(k, layout))
+
+
+@pytest.mark.parametrize("combo", ["device+host", "device+host+disk", "host+disk"])
+def test_close_while_other_threads_work(combo, tmp_path, layout):
+    """Threads busy on the store see StoreClosed (or BlockNotFound) once it closes; nothing hangs or crashes."""
+    setup = make_tier_setup(combo, tmp_path, layout)
+    prompts = [make_keys(8, seed=2000 + p) for p in range(4)]
+    store = setup.open(device=2, host=3, disk=4)
+    errors: list[BaseException] = []
+    closed = threading.Event()
+
+    def work(seed):
+        rng = random.Random(seed)
+        while True:
+            keys = rng.choice(prompts)
+            try:
+                r = rng.random()
+                if r < 0.4:
+                    store.put(keys[:3], blocks_for_keys(keys[:3], layout))
+                elif r < 0.8:
+                    chain = keys[:store.lookup(keys)]
+                    out = store.get(chain)
+                    for i, k in enumerate(chain):
+                        assert_bit_equal(out[i], block_for_key(k, layout), f"key {k.hex()}")
+                else:
+                    store.flush()
+            except tierkv.BlockNotFound:
+                pass
+            except tierkv.StoreClosed:
+                if closed.is_set():
+                    return
+                errors.append(AssertionError("StoreClosed before close()"))
+                return
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=work, args=(seed,), name=f"tierkv-test-{seed}") for seed in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    closed.set()
+    store.close()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a thread hangs after close()"
+    if errors:
+        raise errors[0]
+    if setup.has_disk:  # what close persisted is readable and right
+        with setup.open(device=2, host=3, disk=4) as again:
+            for keys in prompts:
+                for k in keys:
+                    if k in again:
+                        assert_bit_equal(again.get([k])[0], block_for_key(k, layout))
