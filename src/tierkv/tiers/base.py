@@ -9,7 +9,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Tier", "SlotAllocator", "CorruptBlock"]
+__all__ = ["Tier", "SlotAllocator", "SlottedTier", "CorruptBlock"]
 
 
 class CorruptBlock(Exception):
@@ -63,6 +63,22 @@ class Tier(Protocol):
         """Plain-data description: name, device, capacity, slot size and backend details."""
 
     def close(self) -> None: ...
+
+
+class SlottedTier:
+    """Mixin for tiers whose slot bookkeeping is a :class:`SlotAllocator` in ``self._slots``."""
+
+    _slots: "SlotAllocator"
+
+    @property
+    def free_slots(self) -> int:
+        return self._slots.free_count
+
+    def allocate(self) -> int | None:
+        return self._slots.allocate()
+
+    def free(self, slot: int) -> None:
+        self._slots.free(slot)
 
 
 class SlotAllocator:

@@ -20,7 +20,7 @@ from ..errors import StoreInUse
 from ..index import CODEC_IDS, DiskIndex, IndexRecord, now
 from ..io import open_data_file
 from ..layout import KVLayout
-from .base import CorruptBlock, SlotAllocator
+from .base import CorruptBlock, SlotAllocator, SlottedTier
 
 __all__ = ["DiskTier"]
 
@@ -34,7 +34,7 @@ def checksum(buf: torch.Tensor) -> int:
     return xxhash.xxh3_64_intdigest(memoryview(buf.numpy()).cast("B"))
 
 
-class DiskTier:
+class DiskTier(SlottedTier):
     addressable = False
     persistent = True
     name = "disk"
@@ -97,16 +97,6 @@ class DiskTier:
             self._lock_fd = -1
 
     # -- slots ----------------------------------------------------------------------------------------------
-    @property
-    def free_slots(self) -> int:
-        return self._slots.free_count
-
-    def allocate(self) -> int | None:
-        return self._slots.allocate()
-
-    def free(self, slot: int) -> None:
-        self._slots.free(slot)
-
     def view(self, slot: int) -> torch.Tensor:
         raise TypeError("the disk tier is not addressable; use read()")
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import torch
 
 from .._memory import aligned_empty
-from .base import SlotAllocator
+from .base import SlotAllocator, SlottedTier
 
 __all__ = ["MemoryTier"]
 
 
-class MemoryTier:
+class MemoryTier(SlottedTier):
     """``capacity_bytes // payload_nbytes`` slots in one tensor, allocated once at open.
 
     On a CUDA device the slab is device memory; in host memory it is page-aligned (so the disk tier can DMA
@@ -34,16 +34,6 @@ class MemoryTier:
         self._slab = flat.view(self.capacity_slots, payload_nbytes)
         self._slots = SlotAllocator(self.capacity_slots)
         self.pinned = flat.is_pinned() if self.device.type == "cpu" else False
-
-    @property
-    def free_slots(self) -> int:
-        return self._slots.free_count
-
-    def allocate(self) -> int | None:
-        return self._slots.allocate()
-
-    def free(self, slot: int) -> None:
-        self._slots.free(slot)
 
     def view(self, slot: int) -> torch.Tensor:
         return self._slab[slot]
