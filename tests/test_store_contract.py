@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tierkv
-from conftest import (assert_bit_equal, gpu, make_blocks, make_keys, make_tier_setup, tiny_layout,
+from conftest import (assert_bit_equal, check_invariants, gpu, make_blocks, make_keys, make_tier_setup, tiny_layout,
                       used_blocks)
 
 
@@ -594,3 +594,18 @@ def test_get_into_a_cuda_out(layout, tmp_path):
         out = torch.empty((4, *layout.block_shape), dtype=layout.dtype, device="cuda")
         assert store.get(keys, out=out) is out
         assert_bit_equal(out, blocks)
+
+
+def test_a_get_naming_one_key_twice_promotes_it_once(tier_config, layout):
+    """Duplicate keys in one get return the block twice and leave one copy per tier, no leaked slot."""
+    if len(tier_config.tiers) < 2:
+        pytest.skip("promotion needs two tiers")
+    keys = make_keys(4, seed=900)
+    blocks = make_blocks(4, layout, seed=901)
+    with tier_config.open(device=2, host=2, disk=4) as store:
+        for i in range(4):
+            store.put(keys[i:i + 1], blocks[i:i + 1])
+        assert keys[0] in store
+        got = store.get([keys[0], keys[0]])
+        assert_bit_equal(got, blocks[[0, 0]])
+        check_invariants(store, dict(zip(keys, blocks)))

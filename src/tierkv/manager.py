@@ -343,10 +343,7 @@ class TierManager:
         self._count_miss()
         if entry.copies.get(copy.tier) is copy:
             self._detach(entry, copy, free_slot=True)
-        if entry.alive and not entry.copies and not entry.placing:
-            entry.alive = False
-            if self._entries.get(entry.key) is entry:
-                del self._entries[entry.key]
+        self._drop_if_empty(entry, evicted=False)  # a lost block, not one pushed out for room
         return reason
 
     def _promote(self, moves: list[Move]) -> None:
@@ -388,7 +385,9 @@ class TierManager:
         writes: list[Move] = []
         handovers: list[tuple[Entry, Copy]] = []
         with self._lock:
-            candidates = [m for m in moves if m.entry.alive and t not in m.entry.copies]  # others: nothing to do
+            # One move per block (a get may name a key twice); blocks gone or already here need nothing.
+            unique = {id(m.entry): m for m in reversed(moves)}
+            candidates = [m for m in unique.values() if m.entry.alive and t not in m.entry.copies]
             candidates.sort(key=lambda m: m.entry.stamp, reverse=True)  # the most recent get room first
             free = min(tier.free_slots, len(candidates))
             for move in candidates[:free]:
@@ -504,13 +503,15 @@ class TierManager:
         if copy.detached and copy.pins == 0:
             self.tiers[copy.tier].free(copy.slot)
 
-    def _drop_if_empty(self, entry: Entry) -> None:
-        """A live block with no copy left (fell off the last tier, or found no room anywhere) is gone."""
+    def _drop_if_empty(self, entry: Entry, evicted: bool = True) -> None:
+        """A live block with no copy left is gone; ``evicted`` ones (fell off the last tier, or found no room
+        anywhere) count in ``dropped``."""
         if entry.alive and not entry.copies and not entry.placing:
             entry.alive = False
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
-            self._totals.dropped += 1
+            if evicted:
+                self._totals.dropped += 1
 
     def _count_hit(self, t: int) -> None:
         self._totals.hits += 1
