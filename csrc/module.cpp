@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bindings.h"
 #include "block_keys.h"
 
 namespace nb = nanobind;
@@ -60,4 +61,6 @@ NB_MODULE(_C, m) {
           "Chained xxh3-128 block keys of a uint32 token array: a list of 16-byte keys, one per full block.");
     m.def("block_keys_packed", &block_keys_packed_py, nb::arg("tokens"), nb::arg("block_tokens"), nb::arg("root"),
           "The same keys concatenated: (len(tokens) // block_tokens) * 16 bytes.");
+    tierkv::bind_codec(m);
+    tierkv::bind_prefix_index(m);
 }

@@ -11,12 +11,15 @@ import os
 import threading
 from types import ModuleType
 
-__all__ = ["native", "native_status", "force_reference"]
+__all__ = ["native", "native_status", "force_reference", "cuda", "cuda_status"]
 
 _lock = threading.Lock()
 _loaded = False
 _module: ModuleType | None = None
 _why_not: str | None = None
+_cuda_loaded = False
+_cuda_module: ModuleType | None = None
+_cuda_why_not: str | None = None
 
 
 def force_reference() -> bool:
@@ -46,3 +49,31 @@ def native_status() -> str:
     if native() is not None:
         return f"native ({_module.__file__})"
     return f"reference (native module unavailable: {_why_not})"
+
+
+def cuda() -> ModuleType | None:
+    """The ``tierkv._C_cuda`` kernels (built only where nvcc was found), or None for the torch reference.
+
+    Loaded on first use by a CUDA tensor, never at import, so importing tierkv loads no CUDA code.
+    """
+    global _cuda_loaded, _cuda_module, _cuda_why_not
+    if force_reference():
+        return None
+    if not _cuda_loaded:
+        with _lock:
+            if not _cuda_loaded:
+                try:
+                    _cuda_module = importlib.import_module("tierkv._C_cuda")
+                except ImportError as exc:
+                    _cuda_why_not = f"{type(exc).__name__}: {exc}"
+                _cuda_loaded = True
+    return _cuda_module
+
+
+def cuda_status() -> str:
+    """One line: whether the CUDA kernels are built and loadable, and why not when they are not."""
+    if force_reference():
+        return "reference (TIERKV_FORCE_REFERENCE is set)"
+    if cuda() is not None:
+        return f"native ({_cuda_module.__file__})"
+    return f"reference (CUDA kernels unavailable: {_cuda_why_not})"
