@@ -234,7 +234,8 @@ def check_invariants(store: tierkv.BlockStore, expected: dict[bytes, torch.Tenso
     - per tier: used + free == capacity, used == copies in that tier, stats().used_blocks agrees;
     - no two copies share a (tier, slot); slots lie inside the tier;
     - when idle every copy is "ready", and a key with a copy is ``in`` the store;
-    - every copy of a key holds the same bytes, equal to ``expected[key]`` where given.
+    - every copy of a key in tiers of one codec holds the same bytes; copies stored raw (codec "none") equal
+      ``expected[key]`` where given, and encoded copies carry their codec's header.
     """
     manager = store._manager
     snap = manager.snapshot()
@@ -264,17 +265,21 @@ def check_invariants(store: tierkv.BlockStore, expected: dict[bytes, torch.Tenso
         holders[key] = names
         if idle:
             assert key in store, f"{key.hex()} has copies in {names} but is not `in` the store"
-            want = None
+            codecs = {t.name: t.codec for t in manager.tiers}
+            want: dict[str, torch.Tensor] = {}
             if expected is not None and key in expected:
-                want = as_bytes(expected[key])
+                want["none"] = as_bytes(expected[key])
             for name in names:
+                codec = codecs[name]
                 got = manager.read_copy(key, name)
                 got = got.detach().cpu().reshape(-1).view(torch.uint8)
-                if want is None:
-                    want = got
-                n = want.numel()
+                if codec.lossy:
+                    header = torch.frombuffer(bytearray(codec.format.header()), dtype=torch.uint8)
+                    assert torch.equal(got[:header.numel()], header), f"{key.hex()}: {name} copy has a bad header"
+                ref = want.setdefault(codec.name, got)
+                n = ref.numel()
                 assert got.numel() >= n, f"{key.hex()}: {name} copy has {got.numel()} bytes, expected {n}"
-                assert torch.equal(got[:n], want), f"{key.hex()}: the {name} copy holds other bytes"
+                assert torch.equal(got[:n], ref), f"{key.hex()}: the {name} copy holds other bytes"
     for name, t in tiers.items():
         assert t.used_slots + t.free_slots == t.capacity_slots, (
             f"{name}: used {t.used_slots} + free {t.free_slots} != capacity {t.capacity_slots}")

@@ -1,6 +1,8 @@
 """Host buffers that O_DIRECT and DMA engines accept."""
 from __future__ import annotations
 
+import threading
+
 import torch
 
 ALIGNMENT = 4096  # the largest logical block size O_DIRECT asks for on Linux filesystems
@@ -24,3 +26,24 @@ def aligned_empty(nbytes: int, pinned: bool = False) -> torch.Tensor:
 
 def is_aligned(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.data_ptr() % ALIGNMENT == 0 and t.numel() * t.element_size() % ALIGNMENT == 0
+
+
+class ScratchBuffers:
+    """Reusable page-aligned host buffers, one per thread, pinned when CUDA is available.
+
+    Encoding a block on its way to disk, or reading one back to decode it, needs a staging buffer; allocating
+    one per block would cost a page fault per 4 KiB. Buffers larger than ``keep_nbytes`` are not kept.
+    """
+
+    def __init__(self, keep_nbytes: int = 64 << 20) -> None:
+        self._local = threading.local()
+        self._keep_nbytes = keep_nbytes
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        """A buffer of ``nbytes`` for this thread, valid until its next ``get``."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = aligned_empty(round_up(nbytes), pinned=True)
+            if nbytes <= self._keep_nbytes:
+                self._local.buf = buf
+        return buf[:nbytes]

@@ -11,9 +11,9 @@ from typing import Any, Mapping
 
 __all__ = ["StoreConfig", "parse_bytes", "CODECS", "POLICIES", "DISK_BACKENDS"]
 
-# What this version implements. Lossy codecs and the relevance policy arrive in later releases; until then
-# asking for them is an error, not a silent fallback.
-CODECS = ("none",)
+# What this version implements. The relevance policy arrives in a later release; until then asking for it is
+# an error, not a silent fallback.
+CODECS = ("none", "fp8", "int8")
 POLICIES = ("lru",)
 DISK_BACKENDS = ("auto", "posix", "kvikio")
 
@@ -55,8 +55,13 @@ class StoreConfig:
                                    "Directory of the disk tier (data file + lmdb index); unset disables it.")
     disk_bytes: int = _field(0, "TIERKV_DISK_BYTES",
                              "Disk tier data-file size in bytes, per-block alignment included; needs disk_path.")
-    host_codec: str = _field("none", "TIERKV_HOST_CODEC", f"Encoding of blocks in the host tier: {CODECS}.")
-    disk_codec: str = _field("none", "TIERKV_DISK_CODEC", f"Encoding of blocks in the disk tier: {CODECS}.")
+    host_codec: str = _field("none", "TIERKV_HOST_CODEC",
+                             f"Encoding of blocks in the host tier: {CODECS}. 'fp8' (e4m3, one scale per layer, K/V "
+                             "and head) halves a block; 'int8' (per-channel K, per-token V scales) is more exact and "
+                             "a little larger. Lossy codecs take float16/bfloat16/float32 layouts.")
+    disk_codec: str = _field("none", "TIERKV_DISK_CODEC",
+                             f"Encoding of blocks in the disk tier: {CODECS}. A block moving between tiers with the "
+                             "same codec keeps its encoded bytes (quantized once).")
     policy: str = _field("lru", "TIERKV_POLICY", f"Eviction order within each tier: {POLICIES}.")
     disk_backend: str = _field("auto", "TIERKV_DISK_BACKEND",
                                "Disk I/O: 'posix' (O_DIRECT on a thread pool), 'kvikio' (GPUDirect Storage), "
@@ -83,6 +88,11 @@ class StoreConfig:
                               ("disk_backend", DISK_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"expected {name} one of {list(allowed)}, got {getattr(self, name)!r}")
+        lossy = {self.host_codec, self.disk_codec} - {"none"}
+        if len(lossy) > 1:
+            raise ValueError(f"expected host_codec and disk_codec to be the same lossy codec (or one of them 'none'), "
+                             f"got {self.host_codec!r} and {self.disk_codec!r}: a block moving between them would "
+                             "be quantized twice")
         if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or self.io_threads < 1:
             raise ValueError(f"expected io_threads to be a positive int, got {self.io_threads!r}")
         if not (self.device_bytes or self.host_bytes or self.disk_path):

@@ -24,7 +24,6 @@ FORMAT_VERSION = 1
 _HEADER_KEY = b"header"
 # slot, payload bytes, codec id, xxh3-64 checksum, last access (unix time), write sequence number
 _RECORD = struct.Struct("<QQBQdQ")
-CODEC_IDS = {"none": 0}
 
 
 @dataclass

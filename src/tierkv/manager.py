@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ._memory import ScratchBuffers, aligned_empty
+from .codec import Codec, NoneCodec, transcode
 from .errors import BlockNotFound
 from .policy import make_policy
 from .stats import StoreStats, TierCounters, TierStats
@@ -66,10 +68,12 @@ class Entry:
 
 @dataclass
 class Move:
-    """Bytes bound for a tier: either caller data (``data``) or another tier's copy (``source``)."""
+    """Bytes bound for a tier: either in hand (``data``, 1-D uint8, the block as ``data_codec`` stores it) or
+    another tier's copy (``source``)."""
 
     entry: Entry
     data: torch.Tensor | None = None
+    data_codec: Codec | None = None
     source: Copy | None = None
     dest: Copy | None = None
 
@@ -103,14 +107,17 @@ class _Totals:
 class TierManager:
     """Places blocks in an ordered list of tiers (top = fastest) and moves them between tiers.
 
-    All public methods are thread-safe. ``data``/``out`` tensors are ``[n, payload_nbytes]`` uint8.
+    All public methods are thread-safe. ``data``/``out`` tensors are ``[n, block_nbytes]`` uint8 (raw blocks);
+    each tier stores blocks as its codec says, and blocks are converted as they cross between codecs.
     """
 
     def __init__(self, tiers: Sequence[Tier], policy: str, io_threads: int) -> None:
         assert tiers, "a tier manager needs at least one tier"
         self.tiers = list(tiers)
-        self.payload_nbytes = self.tiers[0].payload_nbytes
-        assert all(t.payload_nbytes == self.payload_nbytes for t in self.tiers)
+        layout = self.tiers[0].codec.layout
+        assert all(t.codec.layout == layout for t in self.tiers), "tiers disagree on the block layout"
+        self._raw = NoneCodec(layout)  # what callers pass to put and get back from get
+        self._scratch = ScratchBuffers()
         self._policies = [make_policy(policy) for _ in self.tiers]
         self._counters = [TierCounters() for _ in self.tiers]
         self._totals = _Totals()
@@ -145,7 +152,7 @@ class TierManager:
                     continue
                 entry = self._entries[key] = Entry(key, self._tick())
                 entry.placing = True
-                moves.append(Move(entry, data=data[i]))
+                moves.append(Move(entry, data=data[i], data_codec=self._raw))
             self._totals.puts += len(moves)
         try:
             self._place_in_chunks(0, moves)
@@ -165,8 +172,19 @@ class TierManager:
         ``out`` is then partly written.
         """
         pinned = self._pin_for_read(keys)
+        # Encoded disk copies that the top tier stores the same way are promoted as read, never re-quantized.
+        top = self.tiers[0].codec
+        stash: list[torch.Tensor | None] = [None] * len(pinned)
+        keep = [i for i, (_, c) in enumerate(pinned)
+                if self.tiers[c.tier].codec.lossy and self.tiers[c.tier].codec.name == top.name
+                and not self.tiers[c.tier].addressable]
+        if keep:
+            slot_nbytes = max(self.tiers[pinned[i][1].tier].slot_nbytes for i in keep)
+            rows = aligned_empty(len(keep) * slot_nbytes, pinned=True).view(len(keep), slot_nbytes)
+            for row, i in zip(rows, keep):
+                stash[i] = row
         errors = self._run(
-            [(lambda e=e, c=c, i=i: self.tiers[c.tier].read(c.slot, out[i])) for i, (e, c) in enumerate(pinned)],
+            [(lambda c=c, i=i: self._load(c, out[i], stash[i])) for i, (_, c) in enumerate(pinned)],
             parallel=any(not self.tiers[c.tier].addressable for _, c in pinned))
         failed: list[tuple[Entry, str]] = []
         with self._lock:
@@ -183,8 +201,9 @@ class TierManager:
             self._commit()
             entry, reason = failed[0]
             raise BlockNotFound(entry.key, reason)
-        promotions = [Move(entry, data=out[i]) for i, (entry, copy) in enumerate(pinned)
-                      if copy.tier > 0 and entry.alive]
+        promotions = [Move(entry, data=out[i], data_codec=self._raw) if stash[i] is None
+                      else Move(entry, data=stash[i], data_codec=self.tiers[copy.tier].codec)
+                      for i, (entry, copy) in enumerate(pinned) if copy.tier > 0 and entry.alive]
         if promotions:
             self._promote(promotions)
         self._commit()
@@ -292,7 +311,7 @@ class TierManager:
             copy = self._entries[key].copies[t]
             copy.pins += 1
         try:
-            out = torch.empty(self.payload_nbytes, dtype=torch.uint8)
+            out = torch.empty(self.tiers[t].payload_nbytes, dtype=torch.uint8)
             self.tiers[t].read(copy.slot, out)
             return out
         finally:
@@ -325,6 +344,19 @@ class TierManager:
                     self._unpin(copy)
                 raise
         return pinned
+
+    def _load(self, copy: Copy, out: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """Copy a pinned copy into ``out`` as a raw block, decoding on the way; ``keep`` (when given, at least
+        a slot long) receives the stored bytes for a promotion that stores them the same way."""
+        tier = self.tiers[copy.tier]
+        if not tier.codec.lossy:
+            tier.read(copy.slot, out)
+        elif tier.addressable:
+            transcode(tier.view(copy.slot), tier.codec, out, self._raw)
+        else:
+            buf = keep if keep is not None else self._scratch.get(tier.slot_nbytes)
+            tier.read(copy.slot, buf)
+            transcode(buf[:tier.payload_nbytes], tier.codec, out, self._raw)
 
     def _read_failed(self, entry: Entry, copy: Copy, error: BaseException) -> str:
         """Drop a copy that could not be read back (never return its bytes); returns the reason."""
@@ -428,17 +460,20 @@ class TierManager:
         tier = self.tiers[t]
         tasks: list[Callable[[], None]] = []
         for move in writes:
-            src = move.data if move.data is not None else self.tiers[move.source.tier].view(move.source.slot)
-            tasks.append(lambda slot=move.dest.slot, src=src: tier.write(slot, src))
+            if move.data is not None:
+                src, codec = move.data, move.data_codec
+            else:
+                src, codec = self.tiers[move.source.tier].view(move.source.slot), self.tiers[move.source.tier].codec
+            tasks.append(lambda slot=move.dest.slot, src=src, codec=codec: self._store(tier, slot, src, codec))
         errors = self._run(tasks, parallel=not tier.addressable)
         with self._lock:
             for move, error in zip(writes, errors):
                 entry, copy = move.entry, move.dest
                 if error is None:
                     copy.state = READY
-                    self._counters[t].bytes_written += self.payload_nbytes
+                    self._counters[t].bytes_written += tier.payload_nbytes
                     if move.source is not None:
-                        self._counters[move.source.tier].bytes_read += self.payload_nbytes
+                        self._counters[move.source.tier].bytes_read += self.tiers[move.source.tier].payload_nbytes
                     if entry.alive:
                         tier.bind(entry.key, copy.slot)
                         self._policies[t].insert(entry.key, entry.stamp)
@@ -452,6 +487,17 @@ class TierManager:
                     self._detach(entry, copy, free_slot=True)
             self._changed.notify_all()
         self._raise_unexpected(errors)
+
+    def _store(self, tier: Tier, slot: int, src: torch.Tensor, codec: Codec) -> None:
+        """Write one block held as ``codec`` into ``tier``'s ``slot``, converting it to the tier's codec."""
+        if codec.name == tier.codec.name:
+            tier.write(slot, src)
+        elif tier.addressable:
+            transcode(src, codec, tier.view(slot), tier.codec)
+        else:
+            buf = self._scratch.get(tier.slot_nbytes)  # a whole slot: the disk tier writes it without staging
+            transcode(src, codec, buf[:tier.payload_nbytes], tier.codec)
+            tier.write(slot, buf)
 
     def _choose_victim(self, t: int, newer_than: int, spare: Callable[[bytes], bool] | None
                        ) -> tuple[Entry, Copy] | None:
@@ -516,7 +562,7 @@ class TierManager:
     def _count_hit(self, t: int) -> None:
         self._totals.hits += 1
         self._counters[t].hits += 1
-        self._counters[t].bytes_read += self.payload_nbytes
+        self._counters[t].bytes_read += self.tiers[t].payload_nbytes
         for above in self._counters[:t]:
             above.misses += 1
 

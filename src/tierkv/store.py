@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ._memory import aligned_empty, round_up
+from .codec import check_finite, make_codec
 from .config import StoreConfig
 from .errors import StoreClosed
 from .keys import KEY_BYTES
@@ -45,38 +46,45 @@ class BlockStore:
         self.config = config
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if config.device_bytes and torch.cuda.is_available() else torch.device("cpu"))
-        self._check_capacities()
         self._manager = TierManager(self._open_tiers(), config.policy, config.io_threads)
+        self._lossy = any(t.codec.lossy for t in self._manager.tiers)
         self._state = threading.Condition()
         self._active = 0
         self._closed = False
 
-    def _check_capacities(self) -> None:
-        nbytes = self.layout.block_nbytes
-        for name in ("device_bytes", "host_bytes"):
-            value = getattr(self.config, name)
-            if 0 < value < nbytes:
-                raise ValueError(f"expected {name} of 0 or at least one block ({nbytes} bytes for {self.layout}), "
-                                 f"got {value}")
-        if self.config.disk_path is not None and self.config.disk_bytes < round_up(nbytes):
-            raise ValueError(f"expected disk_bytes of at least one 4096-aligned block ({round_up(nbytes)} bytes "
-                             f"for {self.layout}), got {self.config.disk_bytes}")
-
     def _open_tiers(self) -> list[Tier]:
-        c, nbytes = self.config, self.layout.block_nbytes
+        c, layout = self.config, self.layout
+        # Codecs first: a layout a lossy codec cannot take is refused before any memory or file is touched.
+        host_codec, disk_codec = make_codec(c.host_codec, layout), make_codec(c.disk_codec, layout)
+        disk_slot = round_up(disk_codec.nbytes)
+        if c.disk_path is not None and c.disk_bytes < disk_slot:  # checked before the directory is touched
+            raise ValueError(f"expected disk_bytes of at least one 4096-aligned block ({disk_slot} bytes for "
+                             f"{layout} with codec {disk_codec.name!r}), got {c.disk_bytes}")
         tiers: list[Tier] = []
         try:
             if c.device_bytes:
-                tiers.append(MemoryTier("device", c.device_bytes, nbytes, self.device))
+                tiers.append(self._sized(MemoryTier("device", c.device_bytes, make_codec("none", layout),
+                                                    self.device), "device_bytes", c.device_bytes))
             if c.host_bytes:
-                tiers.append(MemoryTier("host", c.host_bytes, nbytes, torch.device("cpu"), pinned=True))
+                tiers.append(self._sized(MemoryTier("host", c.host_bytes, host_codec, torch.device("cpu"),
+                                                    pinned=True), "host_bytes", c.host_bytes))
             if c.disk_path is not None:
-                tiers.append(DiskTier(c.disk_path, c.disk_bytes, self.layout, c.disk_backend, c.disk_codec))
+                tiers.append(self._sized(DiskTier(c.disk_path, c.disk_bytes, layout, disk_codec, c.disk_backend),
+                                         "disk_bytes", c.disk_bytes))
         except BaseException:
             for tier in tiers:
                 tier.close()
             raise
         return tiers
+
+    def _sized(self, tier: Tier, setting: str, value: int) -> Tier:
+        """``tier`` when it holds at least one block; closes it and raises ``ValueError`` otherwise."""
+        if tier.capacity_slots < 1:
+            tier.close()
+            aligned = " (4096-aligned)" if tier.persistent else ""
+            raise ValueError(f"expected {setting} of 0 or at least one{aligned} block ({tier.slot_nbytes} bytes for "
+                             f"{self.layout} with codec {tier.codec.name!r}), got {value}")
+        return tier
 
     # -- operations ---------------------------------------------------------------------------------------------
     def put(self, keys: Sequence[bytes], blocks: torch.Tensor) -> int:
@@ -93,6 +101,8 @@ class BlockStore:
         """
         keys = self._check_keys(keys)
         data = self._check_blocks(keys, blocks)
+        if self._lossy:
+            check_finite(blocks)
         with self._operation():
             return self._manager.put(keys, data)
 

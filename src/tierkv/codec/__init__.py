@@ -16,7 +16,7 @@ from ..layout import KVLayout
 from . import reference
 from .format import CODEC_IDS, DTYPE_IDS, HEADER_NBYTES, EncodedFormat
 
-__all__ = ["Codec", "NoneCodec", "LossyCodec", "make_codec", "CODEC_NAMES", "CODEC_IDS", "check_finite"]
+__all__ = ["Codec", "NoneCodec", "LossyCodec", "make_codec", "transcode", "CODEC_NAMES", "CODEC_IDS", "check_finite"]
 
 CODEC_NAMES = tuple(CODEC_IDS)
 
@@ -171,3 +171,35 @@ def _launch(module, op: str, geometry: tuple[int, ...], src: np.ndarray, dst: np
     stream = torch.cuda.current_stream(device)
     table = torch.from_numpy(np.stack([src, dst]).view(np.int64)).to(device, non_blocking=False)
     getattr(module, op)(*geometry, table.data_ptr(), src.shape[0], stream.cuda_stream)
+
+
+def transcode(src: torch.Tensor, src_codec: Codec, dst: torch.Tensor, dst_codec: Codec) -> None:
+    """Write one block stored as ``src_codec`` (``src``: 1-D uint8 of ``src_codec.nbytes``) into ``dst`` (1-D uint8 of
+    ``dst_codec.nbytes``) as ``dst_codec`` stores it; the two may be on different devices.
+
+    The same codec on both sides is a copy of the stored bytes, never a re-quantization. Otherwise the work runs
+    on the GPU when either side is there: quantize before a device-to-host copy, dequantize after a
+    host-to-device copy, so PCIe carries the small form.
+    """
+    if src_codec.name == dst_codec.name:
+        dst.copy_(src)
+        return
+    layout = dst_codec.layout
+    shape = (1, *layout.block_shape)
+    if not src_codec.lossy and not dst_codec.lossy:
+        raise AssertionError(f"two different lossless codecs: {src_codec.name}, {dst_codec.name}")
+    if not src_codec.lossy:  # quantize where the raw block is
+        blocks = src.view(layout.dtype).view(shape)
+        if dst.device == src.device:
+            dst_codec.encode(blocks, dst.view(1, -1))
+        else:
+            encoded = torch.empty((1, dst_codec.nbytes), dtype=torch.uint8, device=src.device)
+            dst_codec.encode(blocks, encoded)
+            dst.copy_(encoded[0])
+    elif not dst_codec.lossy:  # dequantize where the raw block goes
+        encoded = src if src.device == dst.device else src.to(dst.device)
+        src_codec.decode(encoded.view(1, -1), dst.view(layout.dtype).view(shape))
+    else:  # two lossy codecs (the config rejects this pairing; kept correct for custom tier stacks)
+        raw = torch.empty(layout.block_nbytes, dtype=torch.uint8, device=src.device)
+        transcode(src, src_codec, raw, NoneCodec(layout))
+        transcode(raw, NoneCodec(layout), dst, dst_codec)

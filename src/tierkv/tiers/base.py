@@ -9,6 +9,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..codec import Codec
+
 __all__ = ["Tier", "SlotAllocator", "SlottedTier", "CorruptBlock"]
 
 
@@ -19,7 +21,9 @@ class CorruptBlock(Exception):
 @runtime_checkable
 class Tier(Protocol):
     name: str
-    #: bytes of one block as stored (what ``read``/``write`` move)
+    #: how blocks are stored here ("none": as they are; "fp8"/"int8": quantized)
+    codec: Codec
+    #: bytes of one block as stored (``codec.nbytes``: what ``read``/``write`` move)
     payload_nbytes: int
     #: bytes of capacity one slot costs (payload plus alignment)
     slot_nbytes: int
@@ -42,10 +46,12 @@ class Tier(Protocol):
         """1-D uint8 view of a slot's payload (addressable tiers only)."""
 
     def write(self, slot: int, src: torch.Tensor) -> None:
-        """Store ``src`` (1-D uint8, ``payload_nbytes``, any device) in ``slot``. Raises ``OSError`` on I/O failure."""
+        """Store ``src[:payload_nbytes]`` (1-D uint8, any device) in ``slot``. ``src`` may be longer: up to
+        ``slot_nbytes`` of it may be moved (the disk tier DMAs whole slots). Raises ``OSError`` on I/O failure."""
 
     def read(self, slot: int, dst: torch.Tensor) -> None:
-        """Copy ``slot`` into ``dst`` (1-D uint8, any device). Raises ``CorruptBlock`` or ``OSError``."""
+        """Copy ``slot`` into ``dst[:payload_nbytes]`` (1-D uint8, any device); a longer ``dst`` may receive up to
+        ``slot_nbytes``. Raises ``CorruptBlock`` or ``OSError``."""
 
     def bind(self, key: bytes, slot: int) -> None:
         """``key``'s copy in ``slot`` is complete (persistent tiers record it)."""

@@ -15,9 +15,10 @@ import threading
 import torch
 import xxhash
 
-from .._memory import aligned_empty, is_aligned, round_up
+from .._memory import ALIGNMENT, aligned_empty, round_up
 from ..errors import StoreInUse
-from ..index import CODEC_IDS, DiskIndex, IndexRecord, now
+from ..codec import Codec
+from ..index import DiskIndex, IndexRecord, now
 from ..io import open_data_file
 from ..layout import KVLayout
 from .base import CorruptBlock, SlotAllocator, SlottedTier
@@ -40,17 +41,17 @@ class DiskTier(SlottedTier):
     name = "disk"
     device = torch.device("cpu")
 
-    def __init__(self, path: str, capacity_bytes: int, layout: KVLayout, backend: str = "auto",
-                 codec: str = "none") -> None:
-        self.payload_nbytes = layout.block_nbytes
+    def __init__(self, path: str, capacity_bytes: int, layout: KVLayout, codec: Codec,
+                 backend: str = "auto") -> None:
+        self.codec = codec
+        self.payload_nbytes = codec.nbytes
         self.slot_nbytes = round_up(self.payload_nbytes)
         self.capacity_slots = capacity_bytes // self.slot_nbytes
         self.path = path
-        self._codec = codec
         self._open_directory(path)
         try:
             self._index = DiskIndex(path, {"layout": layout.to_dict(), "slot_nbytes": self.slot_nbytes,
-                                           "codec": codec}, self.capacity_slots)
+                                           "codec": codec.name}, self.capacity_slots)
             try:
                 self._file = open_data_file(os.path.join(path, DATA_FILE), self.capacity_slots * self.slot_nbytes,
                                             backend)
@@ -107,9 +108,11 @@ class DiskTier(SlottedTier):
         return buf
 
     def _direct_buffer(self, t: torch.Tensor) -> torch.Tensor | None:
-        """``t`` itself when the file can DMA into or out of it (aligned host memory of a whole slot)."""
-        if self.slot_nbytes == self.payload_nbytes and t.is_contiguous() and is_aligned(t):
-            return t
+        """A whole slot of ``t`` when the file can DMA straight into or out of it: aligned, contiguous host
+        memory at least ``slot_nbytes`` long (callers that can, pass buffers that long)."""
+        if (t.device.type == "cpu" and t.is_contiguous() and t.numel() >= self.slot_nbytes
+                and t.data_ptr() % ALIGNMENT == 0):
+            return t[:self.slot_nbytes]
         return None
 
     # -- data -----------------------------------------------------------------------------------------------
@@ -117,7 +120,7 @@ class DiskTier(SlottedTier):
         buf = self._direct_buffer(src)
         if buf is None:
             buf = self._staging_buffer()
-            buf[:self.payload_nbytes].copy_(src)
+            buf[:self.payload_nbytes].copy_(src[:self.payload_nbytes])
         digest = checksum(buf[:self.payload_nbytes])
         self._file.pwrite(buf, slot * self.slot_nbytes)
         self._checksums[slot] = digest
@@ -131,14 +134,14 @@ class DiskTier(SlottedTier):
         if checksum(buf[:self.payload_nbytes]) != self._checksums[slot]:
             raise CorruptBlock(f"slot {slot} of {self._file.path}: checksum mismatch")
         if staged:
-            dst.copy_(buf[:self.payload_nbytes])
+            dst[:self.payload_nbytes].copy_(buf[:self.payload_nbytes])
         key = self._slot_key.get(slot)
         if key is not None:  # remember the access so the LRU order survives a restart
             self._stage(key, slot)
 
     # -- index ----------------------------------------------------------------------------------------------
     def _stage(self, key: bytes, slot: int) -> None:
-        self._index.stage(key, IndexRecord(slot, self.payload_nbytes, CODEC_IDS[self._codec],
+        self._index.stage(key, IndexRecord(slot, self.payload_nbytes, self.codec.id,
                                            self._checksums[slot], now(), next(self._seq)))
 
     def bind(self, key: bytes, slot: int) -> None:
@@ -160,7 +163,7 @@ class DiskTier(SlottedTier):
         stale: list[bytes] = []
         for key, rec in self._index.records().items():
             if (len(key) != 16 or rec.slot >= self.capacity_slots or rec.nbytes != self.payload_nbytes
-                    or rec.codec != CODEC_IDS[self._codec]):
+                    or rec.codec != self.codec.id):
                 stale.append(key)
                 continue
             previous = owner.get(rec.slot)
@@ -192,7 +195,7 @@ class DiskTier(SlottedTier):
 
     def describe(self) -> dict:
         return {"name": self.name, "device": str(self.device), "capacity_blocks": self.capacity_slots,
-                "slot_nbytes": self.slot_nbytes, "path": self.path, "backend": self.backend,
+                "slot_nbytes": self.slot_nbytes, "codec": self.codec.name, "path": self.path, "backend": self.backend,
                 "direct_io": self.direct_io}
 
     def close(self) -> None:

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from .._memory import aligned_empty
+from .._memory import aligned_empty, round_up
+from ..codec import Codec
 from .base import SlotAllocator, SlottedTier
 
 __all__ = ["MemoryTier"]
 
 
 class MemoryTier(SlottedTier):
-    """``capacity_bytes // payload_nbytes`` slots in one tensor, allocated once at open.
+    """``capacity_bytes // slot_nbytes`` slots in one tensor, allocated once at open, holding blocks as ``codec``
+    stores them.
 
     On a CUDA device the slab is device memory; in host memory it is page-aligned (so the disk tier can DMA
     straight from a slot) and pinned when ``pinned`` is asked and CUDA is available (fast device copies).
@@ -19,19 +21,22 @@ class MemoryTier(SlottedTier):
     addressable = True
     persistent = False
 
-    def __init__(self, name: str, capacity_bytes: int, payload_nbytes: int, device: torch.device,
+    def __init__(self, name: str, capacity_bytes: int, codec: Codec, device: torch.device,
                  pinned: bool = False) -> None:
         self.name = name
-        self.payload_nbytes = payload_nbytes
-        self.slot_nbytes = payload_nbytes  # memory needs no alignment padding between blocks
-        self.capacity_slots = capacity_bytes // payload_nbytes
+        self.codec = codec
+        self.payload_nbytes = codec.nbytes
+        # Raw blocks are whole elements already; encoded ones start on a cache line, as their scales and values
+        # expect (vector loads, float32 views).
+        self.slot_nbytes = round_up(codec.nbytes, 64) if codec.lossy else codec.nbytes
+        self.capacity_slots = capacity_bytes // self.slot_nbytes
         self.device = torch.device(device)
-        total = self.capacity_slots * payload_nbytes
+        total = self.capacity_slots * self.slot_nbytes
         if self.device.type == "cpu":
             flat = aligned_empty(total, pinned=pinned)
         else:
             flat = torch.empty(total, dtype=torch.uint8, device=self.device)
-        self._slab = flat.view(self.capacity_slots, payload_nbytes)
+        self._slab = flat.view(self.capacity_slots, self.slot_nbytes)[:, :self.payload_nbytes]
         self._slots = SlotAllocator(self.capacity_slots)
         self.pinned = flat.is_pinned() if self.device.type == "cpu" else False
 
@@ -39,10 +44,10 @@ class MemoryTier(SlottedTier):
         return self._slab[slot]
 
     def write(self, slot: int, src: torch.Tensor) -> None:
-        self._slab[slot].copy_(src)
+        self._slab[slot].copy_(src[:self.payload_nbytes])
 
     def read(self, slot: int, dst: torch.Tensor) -> None:
-        dst.copy_(self._slab[slot])
+        dst[:self.payload_nbytes].copy_(self._slab[slot])
 
     def bind(self, key: bytes, slot: int) -> None:
         pass  # volatile: nothing to record
@@ -58,7 +63,7 @@ class MemoryTier(SlottedTier):
 
     def describe(self) -> dict:
         return {"name": self.name, "device": str(self.device), "capacity_blocks": self.capacity_slots,
-                "slot_nbytes": self.slot_nbytes, "pinned": self.pinned}
+                "slot_nbytes": self.slot_nbytes, "codec": self.codec.name, "pinned": self.pinned}
 
     def close(self) -> None:
         self._slab = None  # type: ignore[assignment]  # release the memory now, not at garbage collection
