@@ -7,7 +7,9 @@ machine, timed in the same run, interleaved with the store's timings and with th
 - host and device tiers: ``np.copyto`` between two preallocated buffers (``Tensor.copy_`` on a GPU);
 - disk tier: raw ``os.pwritev``/``os.preadv`` of one block per call on an O_DIRECT file from a thread pool
   as large as the store's (``io_threads``), ``os.fdatasync`` at the end of the write;
-- ``block_keys``: the native path against the pure-Python reference on a 128k-token prompt.
+- ``block_keys``: the native path against the pure-Python reference on a 128k-token prompt;
+- ``codec``, ``lookup``, ``disk-codec``: quantize/dequantize kernels, ``lookup_tokens`` and the fp8 disk tier
+  (see :mod:`tierkv.bench.codec`).
 
 GB/s counts payload bytes moved once (1 GB = 1e9 bytes), never bytes read plus bytes written. The targets
 printed next to each ratio are goals, not assertions: the exit status is nonzero only when a tier returned
@@ -38,6 +40,7 @@ from tierkv import ops
 from tierkv.config import parse_bytes
 from tierkv.keys import block_keys_reference, root_key
 
+from .codec import bench_codec, bench_disk_codec, bench_lookup
 from .progress import Progress
 
 __all__ = ["main"]
@@ -48,7 +51,7 @@ GB = 1e9
 ALIGN = 4096                 # O_DIRECT wants buffers, offsets and sizes aligned to the logical block size
 SPARE_BLOCKS = 4             # capacity headroom so no measurement ever evicts
 VOCAB = 128_256              # Llama-3 vocabulary: token ids in a realistic range
-TIERS = ("host", "device", "disk", "keys")
+TIERS = ("host", "device", "disk", "keys", "codec", "lookup", "disk-codec")
 TARGETS = {                  # minimum ours/ceiling ratio per (tier, op); None = shown for information
     ("host", "put"): 0.80, ("host", "get_out"): 0.80,
     ("disk", "put"): 0.80, ("disk", "get_out"): 0.80,
@@ -770,6 +773,17 @@ def footnotes(opts: Options, results: dict[str, Any]) -> list[str]:
             kernel = keys["native_kernel"]
             notes.append(f"block_keys native kernel alone (packed keys, no list of bytes): "
                          f"{kernel['best_s'] * 1e3:.2f} ms, {kernel['speedup']:.1f}x the reference.")
+    if "codec" in results:
+        c = results["codec"]
+        notes.append(f"codec rows: ours = native kernel on one thread ({c['isa'] or c['native']}), ceiling column = "
+                     f"torch reference on {c['torch_threads']} threads, ratio = speed-up; GB/s of bf16 bytes in "
+                     "(quantize) or out (dequantize).")
+    if "lookup" in results:
+        notes.append("lookup_tokens row in microseconds: ours = store.lookup_tokens (hash + index walk in one "
+                     "native call), ceiling column = pure Python (xxhash loop + dict); every block cached.")
+    if "disk_codec" in results:
+        notes.append("disk fp8 rows: ours = disk tier with disk_codec='fp8', ceiling column = 'none', both "
+                     "counting bf16 bytes delivered; cold get judged.")
     for tier, section in results["tiers"].items():
         notes += [f"{tier}: {n}" for n in section["notes"]]
     return notes
@@ -791,7 +805,10 @@ def run(opts: Options) -> tuple[dict[str, Any], list[tuple[str, ...]], list[str]
     results: dict[str, Any] = {"tiers": {}}
     rows: list[tuple[str, ...]] = []
     failures: list[str] = []
-    steps = opts.repeats * len(tier_names) + ("keys" in opts.tiers)
+    sections = {"keys", "codec", "lookup", "disk-codec"}
+    tier_names = [t for t in tier_names if t not in sections]
+    steps = (opts.repeats * len(tier_names) + ("keys" in opts.tiers) + 2 * ("codec" in opts.tiers)
+             + ("lookup" in opts.tiers) + opts.repeats * ("disk-codec" in opts.tiers))
     with Progress(steps) as progress:
         bufs = make_buffers(opts.layout, opts.nblocks, rng) if tier_names else None
         for tier in tier_names:
@@ -807,6 +824,21 @@ def run(opts: Options) -> tuple[dict[str, Any], list[tuple[str, ...]], list[str]
             results["keys"], key_failures = bench_block_keys(opts, rng, progress)
             rows += keys_rows(results["keys"])
             failures += [f"block_keys: {f}" for f in key_failures]
+        if "codec" in opts.tiers:
+            results["codec"], section_rows, section_failures = bench_codec(opts.layout, opts.repeats, rng, progress)
+            rows += section_rows
+            failures += [f"codec: {f}" for f in section_failures]
+        if "lookup" in opts.tiers:
+            results["lookup"], section_rows, section_failures = bench_lookup(
+                opts.prompt_tokens, opts.layout.block_tokens, opts.repeats, rng, progress)
+            rows += section_rows
+            failures += [f"lookup_tokens: {f}" for f in section_failures]
+        if "disk-codec" in opts.tiers:
+            with disk_workdir(opts.disk_dir) as workdir:
+                results["disk_codec"], section_rows, section_failures = bench_disk_codec(
+                    opts.layout, opts.nblocks, opts.threads, opts.repeats, workdir, rng, drop_page_cache, progress)
+            rows += section_rows
+            failures += [f"disk codec: {f}" for f in section_failures]
     return results, rows, failures
 
 
