@@ -108,3 +108,23 @@ def test_progress_writes_plain_lines_when_not_a_terminal() -> None:
         progress.step("first")
         progress.step("second")
     assert stream.getvalue() == "[1/2] first\n[2/2] second\n"
+
+
+def test_codec_lookup_and_disk_codec_sections_report_their_figures(report: dict) -> None:
+    codec = report["codec"]
+    assert codec["verified"], codec["verify_failures"]
+    assert _positive(codec["memcpy_gbps"])
+    for name in ("fp8", "int8"):
+        entry = codec["codecs"][name]
+        assert _positive(entry["reference_quantize_gbps"]) and _positive(entry["reference_dequantize_gbps"])
+    lookup = report["lookup"]
+    assert lookup["verified"], lookup["verify_failures"]
+    assert lookup["blocks"] == 4096 // 16
+    assert _positive(lookup["native_best_s"]) and _positive(lookup["python_best_s"])
+    disk = report["disk_codec"]
+    assert disk["verified"], disk["verify_failures"]
+    assert disk["codecs"]["none"]["relative_rms_error"] == 0
+    assert 0 < disk["codecs"]["fp8"]["relative_rms_error"] <= 0.04
+    for codec_name in ("none", "fp8"):
+        assert _positive(disk["codecs"][codec_name]["get_gbps"])
+    assert _positive(disk["get_ratio"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -11,7 +11,7 @@ from ._memory import aligned_empty, round_up
 from .codec import check_finite, make_codec
 from .config import StoreConfig
 from .errors import StoreClosed
-from .keys import KEY_BYTES
+from .keys import KEY_BYTES, block_keys
 from .layout import KVLayout
 from .manager import TierManager
 from .stats import StoreStats
@@ -129,6 +129,17 @@ class BlockStore:
     def lookup(self, keys: Sequence[bytes]) -> int:
         """Length of the longest prefix of ``keys`` that ``get`` can return (answered from the index)."""
         keys = self._check_keys(keys)
+        with self._operation():
+            return self._manager.lookup(keys)
+
+    def lookup_tokens(self, token_ids: Any, salt: bytes = b"") -> int:
+        """How many leading full blocks of a prompt ``get`` can return: ``lookup(block_keys(token_ids,
+        layout.block_tokens, salt))`` without building a key per block.
+
+        ``token_ids``: a 1-D sequence of ints, numpy integer array or torch integer CPU tensor, each in
+        [0, 2**32). Raises ``ValueError``/``TypeError`` as :func:`tierkv.block_keys` does.
+        """
+        keys = block_keys(token_ids, self.layout.block_tokens, salt)
         with self._operation():
             return self._manager.lookup(keys)
 
