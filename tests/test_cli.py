@@ -5,7 +5,7 @@ import sys
 
 def test_info_reports_versions_native_status_backends_and_settings():
     out = subprocess.run([sys.executable, "-m", "tierkv.cli", "info"], capture_output=True, text=True, check=True)
-    for fragment in ("tierkv", "torch", "native ops", "disk backend  posix", "disk backend  kvikio",
+    for fragment in ("tierkv", "torch", "native ops", "cuda codecs", "disk backend  posix", "disk backend  kvikio",
                      "TIERKV_DISK_PATH"):
         assert fragment in out.stdout
 

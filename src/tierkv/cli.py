@@ -20,6 +20,10 @@ def _info(_args: argparse.Namespace) -> int:
     print(f"torch         {torch.__version__}")
     print(f"cuda          {'available: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
     print(f"native ops    {ops.native_status()}")
+    module = ops.native()
+    if module is not None and hasattr(module, "cpu_isa"):
+        print(f"cpu codecs    {module.cpu_isa()} kernels")
+    print(f"cuda codecs   {ops.cuda_status()}")
     for name, status in backend_status().items():
         print(f"disk backend  {name}: {status}")
     print("settings (environment variable, default):")
