@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import tierkv
+from tierkv.codec import make_codec
 from conftest import assert_bit_equal, check_invariants, make_blocks, make_keys, round_up, tiny_layout
 
 LAYOUT = tiny_layout()
@@ -45,14 +46,17 @@ chain_length = st.integers(1, 4)
 
 class StoreModel(RuleBasedStateMachine):
     capacity = CAPACITY
+    host_codec = disk_codec = "none"
 
     def __init__(self):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="tierkv-state-")
-        nbytes = LAYOUT.block_nbytes
-        self.config = tierkv.StoreConfig(device_bytes=self.capacity["device"] * nbytes,
-                                         host_bytes=self.capacity["host"] * nbytes, disk_path=self.dir,
-                                         disk_bytes=self.capacity["disk"] * round_up(nbytes))
+        host_slot = round_up(make_codec(self.host_codec, LAYOUT).nbytes, 64 if self.host_codec != "none" else 1)
+        disk_slot = round_up(make_codec(self.disk_codec, LAYOUT).nbytes)
+        self.config = tierkv.StoreConfig(device_bytes=self.capacity["device"] * LAYOUT.block_nbytes,
+                                         host_bytes=self.capacity["host"] * host_slot, disk_path=self.dir,
+                                         disk_bytes=self.capacity["disk"] * disk_slot,
+                                         host_codec=self.host_codec, disk_codec=self.disk_codec)
         self.store = tierkv.BlockStore(LAYOUT, self.config)
         self.expected: dict = {}  # key -> the block the store must return for it, when it has it
         self.deleted: set = set()  # keys deleted and not put since
@@ -64,6 +68,16 @@ class StoreModel(RuleBasedStateMachine):
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- helpers ------------------------------------------------------------------------------------------
+    def make_block(self, key: bytes, variant: int) -> torch.Tensor:
+        return block(key, variant)
+
+    def assert_block(self, got: torch.Tensor, want: torch.Tensor, what: str = "blocks") -> None:
+        assert_bit_equal(got, want, what)
+
+    def reference(self) -> dict | None:
+        """What raw copies must hold, for check_invariants."""
+        return self.expected
+
     def present(self) -> set:
         return {k for k in ALL_KEYS if k in self.store}
 
@@ -71,14 +85,14 @@ class StoreModel(RuleBasedStateMachine):
         return self.store.stats().tiers["disk"].capacity_blocks
 
     def disk_holders(self) -> set:
-        holders = check_invariants(self.store, self.expected)
+        holders = check_invariants(self.store, self.reference())
         return {k for k, tiers in holders.items() if "disk" in tiers}
 
     # -- rules --------------------------------------------------------------------------------------------
     @rule(p=prompt_index, start=start_index, length=chain_length)
     def put_chain(self, p, start, length):
         chain = PROMPTS[p][start:start + length]
-        blocks = [self.expected.get(k, block(k, 0)) for k in chain]  # never conflicting bytes in a chain
+        blocks = [self.expected.get(k, self.make_block(k, 0)) for k in chain]  # never conflicting bytes in a chain
         self.store.put(chain, torch.stack(blocks))
         for k, b in zip(chain, blocks):
             self.expected[k] = b
@@ -89,12 +103,12 @@ class StoreModel(RuleBasedStateMachine):
     def put_other_bytes_under_one_key(self, p, start, variant):
         key = PROMPTS[p][start]
         stored = key in self.store
-        self.store.put([key], block(key, variant).unsqueeze(0))
+        self.store.put([key], self.make_block(key, variant).unsqueeze(0))
         if not stored:  # a new block; a stored one keeps its first bytes
-            self.expected[key] = block(key, variant)
+            self.expected[key] = self.make_block(key, variant)
             self.deleted.discard(key)
         assert key in self.store
-        assert_bit_equal(self.store.get([key])[0], self.expected[key], "re-put key")
+        self.assert_block(self.store.get([key])[0], self.expected[key], "re-put key")
 
     @rule(p=prompt_index, start=start_index, length=chain_length)
     def get_chain(self, p, start, length):
@@ -105,7 +119,7 @@ class StoreModel(RuleBasedStateMachine):
             f"lookup {n} disagrees with `in` {contained}")
         out = self.store.get(chain[:n])
         for i, k in enumerate(chain[:n]):
-            assert_bit_equal(out[i], self.expected[k], f"key {i} of the chain")
+            self.assert_block(out[i], self.expected[k], f"key {i} of the chain")
         if n < len(chain):
             with pytest.raises(tierkv.BlockNotFound) as info:
                 self.store.get(chain)
@@ -115,7 +129,7 @@ class StoreModel(RuleBasedStateMachine):
     def get_one(self, p, start):
         key = PROMPTS[p][start]
         if key in self.store:
-            assert_bit_equal(self.store.get([key])[0], self.expected[key])
+            self.assert_block(self.store.get([key])[0], self.expected[key])
         else:
             with pytest.raises(tierkv.BlockNotFound):
                 self.store.get([key])
@@ -131,7 +145,7 @@ class StoreModel(RuleBasedStateMachine):
     @rule()
     def flush(self):
         before = self.present()
-        in_memory = {k for k, tiers in check_invariants(self.store, self.expected).items()
+        in_memory = {k for k, tiers in check_invariants(self.store, self.reference()).items()
                      if set(tiers) - {"disk"}}
         self.store.flush()
         after = self.present()
@@ -160,7 +174,7 @@ class StoreModel(RuleBasedStateMachine):
     # -- invariants ---------------------------------------------------------------------------------------
     @invariant()
     def bookkeeping_holds(self):
-        check_invariants(self.store, self.expected)
+        check_invariants(self.store, self.reference())
 
     @invariant()
     def deleted_and_unknown_keys_are_absent(self):
@@ -181,10 +195,30 @@ class BigDiskModel(StoreModel):
     capacity = dict(device=1, host=2, disk=len(ALL_KEYS))
 
 
+class LossyModel(StoreModel):
+    """fp8 host and disk tiers: blocks come back within the fp8 error bound, and encoded copies agree."""
+
+    host_codec = disk_codec = "fp8"
+
+    def make_block(self, key: bytes, variant: int) -> torch.Tensor:
+        seed = (int.from_bytes(key[:7], "little") << 3) | variant
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(LAYOUT.block_shape, generator=g).to(LAYOUT.dtype)
+
+    def assert_block(self, got: torch.Tensor, want: torch.Tensor, what: str = "blocks") -> None:
+        error = float((got.double() - want.double()).norm() / want.double().norm())
+        assert error <= 0.04, f"{what}: relative RMS error {error:.4f} above the fp8 bound"
+
+    def reference(self) -> dict | None:
+        return None  # a raw copy may hold a dequantized block: only copies of one codec must agree
+
+
 _settings = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 StoreModel.TestCase.settings = settings(max_examples=200, stateful_step_count=40, **_settings)
 HostAndSmallDiskModel.TestCase.settings = settings(max_examples=60, stateful_step_count=30, **_settings)
 BigDiskModel.TestCase.settings = settings(max_examples=60, stateful_step_count=30, **_settings)
 TestStoreModel = StoreModel.TestCase
 TestHostAndSmallDiskModel = HostAndSmallDiskModel.TestCase
+LossyModel.TestCase.settings = settings(max_examples=60, stateful_step_count=30, **_settings)
 TestBigDiskModel = BigDiskModel.TestCase
+TestLossyModel = LossyModel.TestCase
