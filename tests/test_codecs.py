@@ -128,6 +128,48 @@ def test_a_block_with_another_header_is_refused(byte, value):
         codec.decode(encoded, decoded)
 
 
+@pytest.mark.parametrize("name", LOSSY)
+@pytest.mark.parametrize("case", ["dtype", "block shape", "row count", "row bytes", "strided rows"])
+def test_mismatched_buffers_are_refused_before_any_kernel_runs(name, case):
+    """The kernels take raw pointers: a buffer of the wrong size must raise, never write past its end."""
+    layout = tiny_layout()
+    codec = make_codec(name, layout)
+    blocks = kv_data(2, layout, "normal")
+    encoded = torch.empty((2, codec.nbytes), dtype=torch.uint8)
+    decoded = torch.empty_like(blocks)
+    if case == "dtype":
+        blocks, decoded = blocks.float(), decoded.float()
+    elif case == "block shape":
+        blocks, decoded = blocks[:, :, :, :-1], decoded[:, :, :, :-1]
+    elif case == "row count":
+        blocks, decoded = blocks[:1], decoded[:1]
+    elif case == "row bytes":
+        encoded = torch.empty((2, codec.nbytes - 1), dtype=torch.uint8)
+    else:
+        encoded = torch.empty((codec.nbytes, 2), dtype=torch.uint8).t()
+    if case not in ("row bytes", "strided rows"):  # a valid encoded pair for decode's side of the check
+        codec.encode(kv_data(2, layout, "normal"), encoded)
+    with pytest.raises(ValueError, match="expected"):
+        codec.encode(blocks, encoded)
+    with pytest.raises(ValueError, match="expected"):
+        codec.decode(encoded, decoded)
+
+
+def test_a_single_encoded_row_may_start_at_any_byte():
+    """A one-row slice at an odd offset: rows are accepted by their own strides, and scales are read unaligned."""
+    layout = tiny_layout()
+    codec = make_codec("int8", layout)
+    blocks = kv_data(1, layout, "outliers")
+    want, decoded = round_trip(codec, blocks)
+    backing = torch.zeros(codec.nbytes + 3, dtype=torch.uint8)
+    row = backing[3:].view(1, -1)
+    codec.encode(blocks, row)
+    assert torch.equal(row, want)
+    again = torch.empty_like(blocks)
+    codec.decode(row, again)
+    assert torch.equal(again, decoded)
+
+
 def test_fp8_re_encoding_a_decoded_block_gives_the_same_codes():
     """A block that leaves HBM twice (promoted in between) is quantized twice; for fp8 the second pass must
     reproduce the first one's values, so the error does not grow."""

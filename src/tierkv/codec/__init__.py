@@ -77,6 +77,9 @@ class LossyCodec(Codec):
 
     def encode(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
         _check_rows(out, self.nbytes)
+        _check_blocks(blocks, self.layout, out.shape[0], "blocks")
+        if blocks.device != out.device:
+            raise ValueError(f"expected blocks and encoded rows on one device, got {blocks.device} and {out.device}")
         if blocks.shape[0] == 0:
             return
         module = _kernels(blocks.device)
@@ -89,6 +92,9 @@ class LossyCodec(Codec):
 
     def decode(self, encoded: torch.Tensor, out: torch.Tensor) -> None:
         _check_rows(encoded, self.nbytes)
+        _check_blocks(out, self.layout, encoded.shape[0], "out")
+        if encoded.device != out.device:
+            raise ValueError(f"expected encoded rows and out on one device, got {encoded.device} and {out.device}")
         if encoded.shape[0] == 0:
             return
         if encoded.device.type == "cpu":
@@ -151,9 +157,18 @@ def _kernels(device: torch.device):
 
 
 def _check_rows(t: torch.Tensor, nbytes: int) -> None:
-    if t.dtype != torch.uint8 or t.dim() != 2 or t.shape[1] != nbytes or (t.shape[0] > 1 and t.stride(1) != 1):
+    # The kernels take one pointer per row and read nbytes from it: the bytes of a row must be adjacent.
+    if t.dtype != torch.uint8 or t.dim() != 2 or t.shape[1] != nbytes or (nbytes > 1 and t.stride(1) != 1):
         raise ValueError(f"expected encoded rows [n, {nbytes}] of uint8 with contiguous rows, got "
                          f"{list(t.shape)} of {t.dtype} with strides {list(t.stride())}")
+
+
+def _check_blocks(t: torch.Tensor, layout: KVLayout, n: int, what: str) -> None:
+    # Checked before any pointer reaches a kernel: a wrong shape or dtype would read or write past the buffer.
+    expected = [n, *layout.block_shape]
+    if t.dtype != layout.dtype or list(t.shape) != expected:
+        raise ValueError(f"expected {what} of shape {expected} and dtype {layout.dtype}, "
+                         f"got {list(t.shape)} of {t.dtype}")
 
 
 def _row_pointers(t: torch.Tensor, row_stride_bytes: int) -> np.ndarray:

@@ -24,7 +24,10 @@ def _group_amax(x: torch.Tensor, codec: str) -> list[torch.Tensor]:
 
 def scales(x: torch.Tensor, codec: str) -> list[torch.Tensor]:
     """``max(amax / qmax, 2**-126)`` per group (float32)."""
-    return [torch.clamp_min(amax / QMAX[codec], SCALE_FLOOR) for amax in _group_amax(x, codec)]
+    # A tensor divisor, not a Python scalar: CUDA torch turns ``t / scalar`` into ``t * (1 / scalar)``, which
+    # rounds differently from the one correctly rounded division the format specifies.
+    return [torch.clamp_min(torch.div(amax, torch.full_like(amax, QMAX[codec])), SCALE_FLOOR)
+            for amax in _group_amax(x, codec)]
 
 
 def _broadcast(parts: list[torch.Tensor], codec: str, shape: torch.Size) -> torch.Tensor:
@@ -63,7 +66,9 @@ def decode(encoded: torch.Tensor, fmt: EncodedFormat, out: torch.Tensor) -> None
     """Dequantize ``encoded`` ``[n, fmt.nbytes]`` uint8 into ``out`` ``[n, L, 2, T, H, D]`` of fmt.layout.dtype."""
     n = encoded.shape[0]
     L, _, T, H, D = fmt.layout.block_shape
-    raw_scales = encoded[:, HEADER_NBYTES:HEADER_NBYTES + 4 * fmt.n_scales].contiguous().view(torch.float32)
+    raw_scales = encoded[:, HEADER_NBYTES:HEADER_NBYTES + 4 * fmt.n_scales]
+    # clone, not contiguous(): a single row slice counts as contiguous yet may start off a 4-byte boundary.
+    raw_scales = raw_scales.clone(memory_format=torch.contiguous_format).view(torch.float32)
     if fmt.codec == "fp8":
         parts = [raw_scales.reshape(n, L, 2, H)]
     else:
