@@ -363,6 +363,22 @@ def test_a_put_keeps_every_key_it_refreshes(tier_config, layout):
         assert_bit_equal(store.get([a, x, y]), blocks[[0, 4, 5]])
 
 
+def test_a_flushed_copy_that_duplicates_a_memory_copy_makes_room_for_a_new_block(tmp_path, layout):
+    """host 3, disk 2. [b, c] are put and flushed (both tiers hold them), then the chain [a, b, c, d]: a and d
+    are new, and a, put first, is the least recent. Its room on disk comes from a disk copy that duplicates a
+    host copy, so the whole chain stays cached instead of losing its head (which would make lookup 0)."""
+    setup = make_tier_setup("host+disk", tmp_path, layout)
+    a, b, c, d = make_keys(4, seed=57)
+    blocks = make_blocks(4, layout, seed=58)
+    with setup.open(host=3, disk=2) as store:
+        store.put([b, c], blocks[1:3])
+        store.flush()
+        store.put([a, b, c, d], blocks)
+        assert store.lookup([a, b, c, d]) == 4, f"present: {[k in store for k in (a, b, c, d)]}"
+        assert_bit_equal(store.get([a, b, c, d]), blocks)
+        check_invariants(store)
+
+
 def test_eviction_with_chained_puts_stays_consistent(tier_config, layout):
     caps = dict(device=2, host=3, disk=4)
     with tier_config.open(**caps) as store:

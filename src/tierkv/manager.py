@@ -507,6 +507,13 @@ class TierManager:
             return self._entries[key].copies[t].pins > 0 or (spare is not None and spare(key))
 
         keys = self._policies[t].evict(1, protected, newer_than)
+        if not keys and t > 0:
+            # Every block here is worth more than the newcomer, but a copy that duplicates a ready copy higher
+            # up costs nothing to drop: the block stays cached, and the tier holds one more distinct block.
+            def needed(key: bytes) -> bool:
+                return protected(key) or self._best_ready(self._entries[key]).tier == t
+
+            keys = self._policies[t].evict(1, needed)
         if not keys:
             return None
         entry = self._entries[keys[0]]
