@@ -289,15 +289,15 @@ void bind_prefix_index(nb::module_& m) {
                             "16-byte block keys -> int location in [1, 2**31) (open addressing, linear probing), "
                             "with longest-prefix walks in one call. Safe under concurrent threads.")
         .def(nb::init<long long>(), nb::arg("expected_keys") = 1024)
-        .def("set", &PrefixIndex::set, nb::arg("key"), nb::arg("value"),
+        .def("set", &PrefixIndex::set, nb::arg("key").none(), nb::arg("value").none(),
              "Map key (16 bytes) to value in [1, 2**31), replacing any previous value.")
-        .def("discard", &PrefixIndex::discard, nb::arg("key"), "Remove key; True when it was present.")
-        .def("get", &PrefixIndex::get, nb::arg("key"), "The key's value, 0 when absent.")
-        .def("__contains__", &PrefixIndex::contains, nb::arg("key"))
+        .def("discard", &PrefixIndex::discard, nb::arg("key").none(), "Remove key; True when it was present.")
+        .def("get", &PrefixIndex::get, nb::arg("key").none(), "The key's value, 0 when absent.")
+        .def("__contains__", &PrefixIndex::contains, nb::arg("key").none())
         .def("__len__", &PrefixIndex::size)
         .def("clear", &PrefixIndex::clear, "Remove every key.")
         .def_prop_ro("capacity", &PrefixIndex::capacity, "Slots in the table (a power of two).")
-        .def("longest_prefix", &PrefixIndex::longest_prefix, nb::arg("keys"),
+        .def("longest_prefix", &PrefixIndex::longest_prefix, nb::arg("keys").none(),
              "How many leading keys of a sequence of 16-byte keys are present.")
         .def("longest_prefix_packed", &PrefixIndex::longest_prefix_packed_py, nb::arg("packed"),
              "How many leading keys of concatenated 16-byte keys are present.")
