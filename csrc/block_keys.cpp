@@ -34,10 +34,24 @@ inline void hash_message(const uint8_t* message, size_t size, uint8_t key[kKeyBy
 
 }  // namespace
 
+// The message size as a compile-time constant: XXH3 inlines its one length class, with no branches on it.
+template <size_t kBlockTokens>
+inline void next_fixed(uint8_t* message, const uint32_t* block, uint8_t key[kKeyBytes]) {
+    store_tokens_le32(message + kKeyBytes, block, kBlockTokens);
+    hash_message(message, kKeyBytes + 4 * kBlockTokens, key);
+    std::memcpy(message, key, kKeyBytes);
+}
+
 void BlockChain::next(const uint32_t* block, uint8_t key[kKeyBytes]) {
-    store_tokens_le32(message_.data() + kKeyBytes, block, block_tokens_);
-    hash_message(message_.data(), message_.size(), key);
-    std::memcpy(message_.data(), key, kKeyBytes);  // this key is the next block's parent
+    uint8_t* message = message_.data();
+    switch (block_tokens_) {  // the common block sizes
+        case 16: return next_fixed<16>(message, block, key);
+        case 32: return next_fixed<32>(message, block, key);
+        default:
+            store_tokens_le32(message + kKeyBytes, block, block_tokens_);
+            hash_message(message, message_.size(), key);
+            std::memcpy(message, key, kKeyBytes);  // this key is the next block's parent
+    }
 }
 
 void block_keys(const uint32_t* tokens, size_t n_tokens, size_t block_tokens,
