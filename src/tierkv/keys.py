@@ -90,8 +90,17 @@ def _sequence_as_uint32(token_ids: Any) -> np.ndarray:
     return np.frombuffer(packed, dtype=np.uint32).astype("<u4", copy=False)
 
 
+_LE_U32 = np.dtype("<u4")
+
+
 def _as_uint32(token_ids: Any) -> np.ndarray:
-    """Validate tokens and return them as a contiguous little-endian uint32 array."""
+    """Validate tokens and return them as a contiguous little-endian uint32 array.
+
+    An array that already is one comes back as is, with no pass over its values.
+    """
+    if type(token_ids) is np.ndarray and token_ids.dtype == _LE_U32 and token_ids.ndim == 1 \
+            and token_ids.flags.c_contiguous:
+        return token_ids
     if hasattr(token_ids, "detach") and hasattr(token_ids, "cpu"):  # a torch tensor, without importing torch
         if token_ids.is_floating_point() or token_ids.is_complex() or str(token_ids.dtype) == "torch.bool":
             raise TypeError(f"expected an integer token tensor, got dtype {token_ids.dtype}")
@@ -106,7 +115,7 @@ def _as_uint32(token_ids: Any) -> np.ndarray:
         raise ValueError(f"expected a 1-D token array, got shape {list(values.shape)}")
     if values.dtype.kind not in "iu":
         raise TypeError(f"expected an integer token array, got dtype {values.dtype}")
-    if values.size:
+    if values.size and not (values.dtype.kind == "u" and values.dtype.itemsize <= 4):  # else always in range
         lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= 2**32:
             raise ValueError(f"expected token ids in [0, 2**32), got {lo if lo < 0 else hi}")
