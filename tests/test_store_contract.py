@@ -100,6 +100,45 @@ def test_lookup_returns_the_longest_stored_prefix(store, layout):
     assert store.lookup(keys[5:]) == 0
 
 
+def test_lookup_tokens_agrees_with_lookup_of_the_block_keys(store, layout):
+    """Random prompts, a random subset of their blocks stored or deleted: the token walk (hashing and probing
+    in one call) finds the same prefix as lookup(block_keys(...)), for every input type it accepts."""
+    import numpy as np
+
+    rng = np.random.default_rng(61)
+    B = layout.block_tokens
+    for trial in range(12):
+        tokens = rng.integers(0, 2**32, size=int(rng.integers(0, 10 * B)), dtype=np.uint64).astype(np.uint32)
+        keys = tierkv.block_keys(tokens, B)
+        stored = [k for k in keys if rng.random() < 0.8]
+        if stored:
+            store.put(stored, make_blocks(len(stored), layout, seed=trial))
+        if trial % 3 == 0 and keys:
+            store.delete([keys[int(rng.integers(len(keys)))]])
+        want = store.lookup(keys)
+        assert store.lookup_tokens(tokens) == want
+        assert store.lookup_tokens(tokens.tolist()) == want
+        assert store.lookup_tokens(torch.from_numpy(tokens.astype(np.int64))) == want
+        assert store.lookup_tokens(tokens[:len(tokens) - len(tokens) % B]) == want  # the partial tail counts not
+
+
+def test_lookup_tokens_of_another_salt_finds_nothing(store, layout):
+    tokens = list(range(4 * layout.block_tokens))
+    store.put(tierkv.block_keys(tokens, layout.block_tokens, salt=b"tenant-a"), make_blocks(4, layout))
+    assert store.lookup_tokens(tokens, salt=b"tenant-a") == 4
+    assert store.lookup_tokens(tokens, salt=b"tenant-b") == 0
+    assert store.lookup_tokens(tokens) == 0
+
+
+@pytest.mark.parametrize("tokens, error", [([1, -1], ValueError), ([1, 2**32], ValueError), ([1.5], TypeError),
+                                           ([[1, 2]], TypeError), ("abc", TypeError)])
+def test_lookup_tokens_refuses_bad_tokens_like_block_keys(store, tokens, error):
+    with pytest.raises(error):
+        tierkv.block_keys(tokens)
+    with pytest.raises(error):
+        store.lookup_tokens(tokens)
+
+
 def test_a_gap_stops_the_prefix(store, layout):
     keys = make_keys(8, seed=9)
     present = [0, 1, 2, 4, 5]

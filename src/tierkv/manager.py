@@ -20,7 +20,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -28,6 +28,7 @@ from ._memory import ScratchBuffers, aligned_empty
 from .codec import Codec, NoneCodec, transcode
 from .errors import BlockNotFound
 from .policy import make_policy
+from .prefix_index import make_prefix_index
 from .stats import StoreStats, TierCounters, TierStats
 from .tiers.base import CorruptBlock, Tier
 
@@ -122,6 +123,9 @@ class TierManager:
         self._counters = [TierCounters() for _ in self.tiers]
         self._totals = _Totals()
         self._entries: dict[bytes, Entry] = {}
+        # The keys of _entries again, in the native prefix index: lookups walk it without taking the manager
+        # lock (it has its own reader-writer lock), and lookup_tokens hashes a prompt inside it in one call.
+        self._index = make_prefix_index(sum(t.capacity_slots for t in self.tiers))
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._reported: set[str] = set()
@@ -136,7 +140,7 @@ class TierManager:
             for key, slot in tier.recover():  # least recently used first
                 entry = self._entries.get(key)
                 if entry is None:
-                    entry = self._entries[key] = Entry(key, self._tick())
+                    entry = self._new_entry(key)
                 entry.copies[t] = Copy(t, slot, READY)
                 self._policies[t].insert(key, entry.stamp)
 
@@ -150,7 +154,7 @@ class TierManager:
                 if entry is not None:
                     self._touch(entry)
                     continue
-                entry = self._entries[key] = Entry(key, self._tick())
+                entry = self._new_entry(key)
                 entry.placing = True
                 moves.append(Move(entry, data=data[i], data_codec=self._raw))
             self._totals.puts += len(moves)
@@ -209,15 +213,14 @@ class TierManager:
         self._commit()
 
     def lookup(self, keys: Sequence[bytes]) -> int:
-        with self._lock:
-            for n, key in enumerate(keys):
-                if key not in self._entries:
-                    return n
-            return len(keys)
+        return self._index.longest_prefix(keys)
+
+    def lookup_tokens(self, token_ids: Any, block_tokens: int, root: bytes) -> int:
+        """Leading full blocks of ``token_ids`` present, hashing (chained from ``root``) and probing in one call."""
+        return self._index.longest_prefix_tokens(token_ids, block_tokens, root)
 
     def contains(self, key: bytes) -> bool:
-        with self._lock:
-            return key in self._entries
+        return key in self._index
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """Forget blocks in every tier (persistently). Missing keys are ignored. Returns how many were present."""
@@ -227,6 +230,7 @@ class TierManager:
                 entry = self._entries.pop(key, None)
                 if entry is None:
                     continue
+                self._index.discard(key)
                 removed += 1
                 entry.alive = False
                 for copy in list(entry.copies.values()):
@@ -529,6 +533,11 @@ class TierManager:
                 return copy
         return None
 
+    def _new_entry(self, key: bytes) -> Entry:
+        entry = self._entries[key] = Entry(key, self._tick())
+        self._index.set(key, 1)
+        return entry
+
     def _tick(self) -> int:
         self._clock += 1
         return self._clock
@@ -563,6 +572,7 @@ class TierManager:
             entry.alive = False
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
+                self._index.discard(entry.key)
             if evicted:
                 self._totals.dropped += 1
 
