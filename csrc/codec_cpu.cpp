@@ -343,6 +343,8 @@ TIERKV_AVX2 inline __m256i to_e4m3(__m256 y) {
     const __m256i normal = _mm256_sub_epi32(
         _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(a, _mm256_set1_epi32(0x7ffff)), lsb), 20),
         _mm256_set1_epi32(120 << 3));
+    const __m256i is_normal = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x3c7fffff));
+    if (_mm256_movemask_ps(_mm256_castsi256_ps(is_normal)) == 0xff) return _mm256_or_si256(normal, sign);
     const __m256i e = _mm256_srli_epi32(a, 23);
     const __m256i s = _mm256_min_epu32(_mm256_sub_epi32(_mm256_set1_epi32(141), e), _mm256_set1_epi32(31));
     const __m256i has_implicit = _mm256_andnot_si256(_mm256_cmpeq_epi32(e, _mm256_setzero_si256()),
@@ -351,7 +353,6 @@ TIERKV_AVX2 inline __m256i to_e4m3(__m256 y) {
     const __m256i half_m1 = _mm256_sub_epi32(_mm256_sllv_epi32(one, _mm256_sub_epi32(s, one)), one);
     const __m256i odd = _mm256_and_si256(_mm256_srlv_epi32(mant, s), one);
     const __m256i sub = _mm256_srlv_epi32(_mm256_add_epi32(_mm256_add_epi32(mant, half_m1), odd), s);
-    const __m256i is_normal = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x3c7fffff));
     return _mm256_or_si256(_mm256_blendv_epi8(sub, normal, is_normal), sign);
 }
 
@@ -578,6 +579,8 @@ TIERKV_AVX512 inline __m512i to_e4m3(__m512 y) {
     const __m512i normal = _mm512_sub_epi32(
         _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(a, _mm512_set1_epi32(0x7ffff)), lsb), 20),
         _mm512_set1_epi32(120 << 3));
+    const __mmask16 is_normal = _mm512_cmpge_epu32_mask(a, _mm512_set1_epi32(0x3c800000));
+    if (is_normal == 0xffff) return _mm512_or_si512(normal, sign);  // the usual case: no e4m3 subnormal
     const __m512i e = _mm512_srli_epi32(a, 23);
     const __m512i s = _mm512_min_epu32(_mm512_sub_epi32(_mm512_set1_epi32(141), e), _mm512_set1_epi32(31));
     const __m512i mant = _mm512_mask_or_epi32(_mm512_and_si512(a, _mm512_set1_epi32(0x7fffff)),
@@ -587,7 +590,6 @@ TIERKV_AVX512 inline __m512i to_e4m3(__m512 y) {
     const __m512i half_m1 = _mm512_sub_epi32(_mm512_sllv_epi32(one, _mm512_sub_epi32(s, one)), one);
     const __m512i odd = _mm512_and_si512(_mm512_srlv_epi32(mant, s), one);
     const __m512i sub = _mm512_srlv_epi32(_mm512_add_epi32(_mm512_add_epi32(mant, half_m1), odd), s);
-    const __mmask16 is_normal = _mm512_cmpge_epu32_mask(a, _mm512_set1_epi32(0x3c800000));
     return _mm512_or_si512(_mm512_mask_blend_epi32(is_normal, sub, normal), sign);
 }
 
