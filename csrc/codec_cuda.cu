@@ -176,6 +176,7 @@ __device__ void quantize_fp8(const typename E::T* src, uint8_t* vals, uint8_t* s
     const int units = s.T * row_vecs;
     for (int h = warp; h < s.H; h += kWarps) {
         float amax = 0.0f;
+#pragma unroll 4
         for (int u = lane; u < units; u += 32) {
             const int t = u / row_vecs;
             const int off = (t * s.H + h) * s.D + (u - t * row_vecs) * (VEC ? 8 : 1);
@@ -192,6 +193,7 @@ __device__ void quantize_fp8(const typename E::T* src, uint8_t* vals, uint8_t* s
         float scale, inv;
         scale_and_inverse<kCodecFp8>(amax, scale, inv);
         if (lane == 0) store_f32(scales + 4 * h, scale, scales_aligned);
+#pragma unroll 4
         for (int u = lane; u < units; u += 32) {
             const int t = u / row_vecs;
             const int off = (t * s.H + h) * s.D + (u - t * row_vecs) * (VEC ? 8 : 1);
@@ -272,7 +274,9 @@ __device__ void quantize_int8_v(const typename E::T* src, uint8_t* vals, uint8_t
         const bool active = r < rows;
         float amax = 0.0f;
         if (active) {
-            for (int u = sl; u < row_units; u += width) {
+#pragma unroll 4
+    #pragma unroll 4
+        for (int u = sl; u < row_units; u += width) {
                 const int off = r * s.D + u * (VEC ? 8 : 1);
                 if constexpr (VEC) {
                     float v[8];
@@ -289,6 +293,7 @@ __device__ void quantize_int8_v(const typename E::T* src, uint8_t* vals, uint8_t
         float scale, inv;
         scale_and_inverse<kCodecInt8>(amax, scale, inv);
         if (sl == 0) store_f32(scales + 4 * r, scale, scales_aligned);
+#pragma unroll 4
         for (int u = sl; u < row_units; u += width) {
             const int off = r * s.D + u * (VEC ? 8 : 1);
             if constexpr (VEC) {
@@ -378,6 +383,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(Geometry g, const 
                      (reinterpret_cast<uintptr_t>(row) & 7u) == 0;
     const int elems = static_cast<int>(s.elems);
     if (vec) {
+#pragma unroll 4
         for (int i = threadIdx.x * 8; i < elems; i += kThreads * 8) {
             uint8_t q[8];
             float y[8];
