@@ -330,7 +330,7 @@ def test_store_demotes_through_the_gpu_codec(codec_name):
         assert store.device.type == "cuda"
         store.put(keys[:n], first.cuda())
         store.put(keys[n:], second.cuda())     # pushes the first blocks down to the fp8/int8 host tier
-        assert store.stats().tiers["device"].evictions >= n
+        assert dict(store.stats().tiers)["device"].evictions >= n
         got = store.get(keys[:n])
     assert got.device.type == "cuda"
     expected = _decode_reference(_encode_reference(first, codec), codec)
