@@ -52,7 +52,9 @@ def native_status() -> str:
 
 
 def cuda() -> ModuleType | None:
-    """The ``tierkv._C_cuda`` kernels (built only where nvcc was found), or None for the torch reference.
+    """The ``tierkv._C_cuda`` kernels, or None for the torch reference: when they were not built (no nvcc at
+    build time), failed to load, or cannot run here (no CUDA device or driver, a GPU older than compute
+    capability 8.0, a driver too old for the build); :func:`cuda_status` says which.
 
     Loaded on first use by a CUDA tensor, never at import, so importing tierkv loads no CUDA code.
     """
@@ -63,17 +65,25 @@ def cuda() -> ModuleType | None:
         with _lock:
             if not _cuda_loaded:
                 try:
-                    _cuda_module = importlib.import_module("tierkv._C_cuda")
+                    module = importlib.import_module("tierkv._C_cuda")
                 except ImportError as exc:
                     _cuda_why_not = f"{type(exc).__name__}: {exc}"
+                else:
+                    # The module links cudart statically, so it imports without a GPU; whether its kernels can
+                    # run is a separate question, answered once (devices and drivers do not change under us).
+                    reason = module.unusable_reason()
+                    if reason is None:
+                        _cuda_module = module
+                    else:
+                        _cuda_why_not = f"built ({module.build_info()}) but unusable: {reason}"
                 _cuda_loaded = True
     return _cuda_module
 
 
 def cuda_status() -> str:
-    """One line: whether the CUDA kernels are built and loadable, and why not when they are not."""
+    """One line: whether the CUDA kernels are built and usable, and why not when they are not."""
     if force_reference():
         return "reference (TIERKV_FORCE_REFERENCE is set)"
     if cuda() is not None:
-        return f"native ({_cuda_module.__file__})"
+        return f"native ({_cuda_module.__file__}; {_cuda_module.build_info()})"
     return f"reference (CUDA kernels unavailable: {_cuda_why_not})"

@@ -182,10 +182,23 @@ def _launch(module, op: str, geometry: tuple[int, ...], src: np.ndarray, dst: np
     if device.type == "cpu":
         getattr(module, op)(*geometry, src, dst)
         return
-    # CUDA: pointer tables travel to the device with the work, on the caller's current stream.
-    stream = torch.cuda.current_stream(device)
-    table = torch.from_numpy(np.stack([src, dst]).view(np.int64)).to(device, non_blocking=False)
-    getattr(module, op)(*geometry, table.data_ptr(), src.shape[0], stream.cuda_stream)
+    # CUDA: the pointer table travels to the device with the work, on the caller's current stream, so nothing
+    # here waits for the GPU. Why the two temporary tensors may be dropped as soon as this returns:
+    # - `pinned` (page-locked, from torch's caching host allocator): the non_blocking copy records an event on
+    #   the stream for its block, and the allocator does not hand the block out again until that event has
+    #   completed, i.e. until the DMA has read it. (Pageable memory would make the copy synchronous.)
+    # - `table` (device, from the caching allocator): allocated on `stream` and read only by work enqueued on
+    #   `stream` (the copy, then the kernel). Freed memory is reused only by later work on that same stream, which
+    #   runs after the kernel; a kernel on another stream would need table.record_stream(...).
+    n = src.shape[0]
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device)
+        pinned = torch.empty((2, n), dtype=torch.int64, pin_memory=True)
+        rows = pinned.numpy()
+        rows[0] = src.view(np.int64)
+        rows[1] = dst.view(np.int64)
+        table = pinned.to(device, non_blocking=True)
+        getattr(module, op)(*geometry, table.data_ptr(), n, stream.cuda_stream)
 
 
 def transcode(src: torch.Tensor, src_codec: Codec, dst: torch.Tensor, dst_codec: Codec) -> None:
