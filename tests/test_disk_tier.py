@@ -482,3 +482,37 @@ def test_read_errors_are_misses_not_crashes(tmp_path, layout, faults):
                 continue
             assert_bit_equal(got, blocks[i:i + 1], f"block {i}")
         assert_bit_equal(store.get(keys[1:]), blocks[1:])
+
+
+def test_blocks_in_consecutive_slots_are_read_in_one_request(tmp_path, layout, monkeypatch):
+    """A prompt put in one batch lands in consecutive slots; reading it back takes one request per run (a few
+    MiB each), not one per block. When the run's request fails, the slots are read one by one, so a single
+    bad request costs no block."""
+    cls = _posix_file_class()
+    real_read = cls.pread
+    sizes: list[int] = []
+    fail_next = {"n": 0}
+
+    def pread(self, buf, offset):
+        sizes.append(buf.numel())
+        if fail_next["n"]:
+            fail_next["n"] -= 1
+            raise OSError(errno.EIO, "injected failure of one request")
+        return real_read(self, buf, offset)
+
+    monkeypatch.setattr(cls, "pread", pread)
+    setup = make_tier_setup("host+disk", tmp_path, layout)
+    keys = make_keys(8, seed=71)
+    blocks = make_blocks(8, layout, seed=72)
+    with setup.open() as store:
+        store.put(keys, blocks)
+        slot = round_up(layout.block_nbytes)
+    with setup.open() as store:  # memory starts empty: the get reads the disk
+        sizes.clear()
+        assert_bit_equal(store.get(keys), blocks)
+        assert len(sizes) < len(keys) and sum(sizes) == len(keys) * slot, f"request sizes {sizes}"
+    with setup.open() as store:
+        sizes.clear()
+        fail_next["n"] = 1
+        assert_bit_equal(store.get(keys), blocks)
+        assert store.stats().tiers["disk"].failed_reads == 0

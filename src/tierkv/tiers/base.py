@@ -53,6 +53,19 @@ class Tier(Protocol):
         """Copy ``slot`` into ``dst[:payload_nbytes]`` (1-D uint8, any device); a longer ``dst`` may receive up to
         ``slot_nbytes``. Raises ``CorruptBlock`` or ``OSError``."""
 
+    def read_run(self, first_slot: int, count: int, buf: torch.Tensor) -> list[BaseException | None]:
+        """Copy ``count`` consecutive slots into ``buf`` (1-D uint8 host memory, ``count * slot_nbytes``; slot
+        ``first_slot + j`` at ``j * slot_nbytes``) and say, per slot, None or the ``CorruptBlock``/``OSError``
+        that made it unreadable. The disk tier does it in one request; this default reads slot by slot."""
+        results: list[BaseException | None] = []
+        for j in range(count):
+            try:
+                self.read(first_slot + j, buf[j * self.slot_nbytes:(j + 1) * self.slot_nbytes])
+                results.append(None)
+            except (CorruptBlock, OSError) as exc:
+                results.append(exc)
+        return results
+
     def bind(self, key: bytes, slot: int) -> None:
         """``key``'s copy in ``slot`` is complete (persistent tiers record it)."""
 
