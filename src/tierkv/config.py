@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from .policy import resolve_policy
+
 __all__ = ["StoreConfig", "parse_bytes", "CODECS", "POLICIES", "DISK_BACKENDS"]
 
 # What this version implements. The relevance policy arrives in a later release; until then asking for it is
@@ -62,7 +64,8 @@ class StoreConfig:
     disk_codec: str = _field("none", "TIERKV_DISK_CODEC",
                              f"Encoding of blocks in the disk tier: {CODECS}. A block moving between tiers with the "
                              "same codec keeps its encoded bytes (quantized once).")
-    policy: str = _field("lru", "TIERKV_POLICY", f"Eviction order within each tier: {POLICIES}.")
+    policy: str = _field("lru", "TIERKV_POLICY", f"Eviction order within each tier: {POLICIES}, or a dotted path "
+                                 "'package.module:ClassName' to an EvictionPolicy subclass.")
     disk_backend: str = _field("auto", "TIERKV_DISK_BACKEND",
                                "Disk I/O: 'posix' (O_DIRECT on a thread pool), 'kvikio' (GPUDirect Storage), "
                                "or 'auto' (kvikio when it imports and a CUDA driver is present).")
@@ -84,8 +87,8 @@ class StoreConfig:
                 raise ValueError(f"expected disk_bytes > 0 with disk_path={self.disk_path!r}, got disk_bytes=0")
         elif self.disk_bytes:
             raise ValueError(f"expected disk_path with disk_bytes={self.disk_bytes}, got disk_path=None")
-        for name, allowed in (("host_codec", CODECS), ("disk_codec", CODECS), ("policy", POLICIES),
-                              ("disk_backend", DISK_BACKENDS)):
+        resolve_policy(self.policy)  # a built-in name or an importable EvictionPolicy subclass
+        for name, allowed in (("host_codec", CODECS), ("disk_codec", CODECS), ("disk_backend", DISK_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"expected {name} one of {list(allowed)}, got {getattr(self, name)!r}")
         lossy = {self.host_codec, self.disk_codec} - {"none"}
