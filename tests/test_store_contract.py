@@ -664,3 +664,42 @@ def test_a_get_naming_one_key_twice_promotes_it_once(tier_config, layout):
         got = store.get([keys[0], keys[0]])
         assert_bit_equal(got, blocks[[0, 0]])
         check_invariants(store, dict(zip(keys, blocks)))
+
+
+def test_stats_report_latency_per_operation_and_tier_of_origin(tmp_path, layout):
+    """get latency is filed under the lowest tier its blocks came from (what an operator asks: how slow is a
+    disk hit), demotions under the tier they went to; quantiles are bucket edges within 19% and never above
+    the largest sample."""
+    setup = make_tier_setup("device+host+disk", tmp_path, layout)
+    keys = make_keys(6, seed=91)
+    blocks = make_blocks(6, layout, seed=92)
+    with setup.open(device=2, host=2, disk=8) as store:
+        store.put(keys, blocks)              # 2 on device, 2 demoted to host, 2 further to disk
+        store.lookup(keys)
+        store.lookup_tokens(list(range(2 * layout.block_tokens)))
+        store.get(keys[4:6])                 # device
+        store.get(keys[0:1])                 # from the disk (the oldest block)
+        with pytest.raises(tierkv.BlockNotFound):
+            store.get(make_keys(1, seed=93))
+        latency = store.stats().latency
+        assert {"lookup", "lookup_tokens", "put", "get.device", "get.host", "get.disk", "get.miss",
+                "demote.host", "demote.disk"} <= set(latency)
+        for op in ("lookup", "lookup_tokens", "put", "get.device", "get.disk", "get.miss"):
+            assert latency[op].count == 1, (op, latency[op])
+        assert latency["demote.host"].count >= 1 and latency["demote.disk"].count >= 1
+        assert latency["get.host"].count == 0 and latency["get.host"].p99_s == 0.0
+        for op, l in latency.items():
+            assert 0 <= l.p50_s <= l.p99_s <= l.max_s and sum(l.buckets) == l.count, (op, l)
+        assert "latency" in store.stats().as_dict()
+
+
+def test_latency_quantiles_are_bucket_edges_within_a_fifth():
+    from tierkv.stats import LatencyHistogram
+
+    h = LatencyHistogram()
+    for us in range(1, 1001):  # 1 us .. 1 ms, uniform
+        h.record(us * 1e-6)
+    s = h.snapshot()
+    assert s.count == 1000 and abs(s.mean_s - 500.5e-6) < 1e-9 and s.max_s == pytest.approx(1e-3)
+    assert 500e-6 <= s.p50_s <= 500e-6 * 1.19
+    assert 990e-6 <= s.p99_s <= 1e-3

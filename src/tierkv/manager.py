@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -29,7 +30,7 @@ from .codec import Codec, NoneCodec, transcode
 from .errors import BlockNotFound
 from .policy import make_policy
 from .prefix_index import make_prefix_index
-from .stats import StoreStats, TierCounters, TierStats
+from .stats import LatencyHistogram, StoreStats, TierCounters, TierStats
 from .tiers.base import CorruptBlock, Tier
 
 __all__ = ["TierManager", "Snapshot", "TierSnapshot"]
@@ -124,6 +125,10 @@ class TierManager:
         self._policies = [make_policy(policy) for _ in self.tiers]
         self._counters = [TierCounters() for _ in self.tiers]
         self._totals = _Totals()
+        # Fixed set of histograms, made once: recording needs no lookup lock (see StoreStats.latency for names).
+        ops = ["lookup", "lookup_tokens", "put", "get.miss"] + [f"get.{t.name}" for t in self.tiers]
+        ops += [f"demote.{t.name}" for t in self.tiers[1:]]
+        self._latency = {op: LatencyHistogram() for op in ops}
         self._entries: dict[bytes, Entry] = {}
         # The keys of _entries again, in the native prefix index: lookups walk it without taking the manager
         # lock (it has its own reader-writer lock), and lookup_tokens hashes a prompt inside it in one call.
@@ -149,6 +154,13 @@ class TierManager:
     # -- public operations ----------------------------------------------------------------------------------
     def put(self, keys: Sequence[bytes], data: torch.Tensor) -> int:
         """Store blocks not already present; refresh the recency of those that are. Returns how many were new."""
+        start = time.perf_counter()
+        try:
+            return self._put(keys, data)
+        finally:
+            self._latency["put"].record(time.perf_counter() - start)
+
+    def _put(self, keys: Sequence[bytes], data: torch.Tensor) -> int:
         moves: list[Move] = []
         with self._lock:
             for i, key in enumerate(keys):
@@ -177,6 +189,17 @@ class TierManager:
         Raises ``BlockNotFound`` for the first key that is missing or whose bytes fail their checksum;
         ``out`` is then partly written.
         """
+        if not keys:
+            return
+        start = time.perf_counter()
+        origin = "miss"
+        try:
+            origin = self.tiers[self._get(keys, out)].name
+        finally:
+            self._latency[f"get.{origin}"].record(time.perf_counter() - start)
+
+    def _get(self, keys: Sequence[bytes], out: torch.Tensor) -> int:
+        """get(); returns the lowest tier (largest index) any block came from."""
         pinned = self._pin_for_read(keys)
         # Encoded disk copies that the top tier stores the same way are promoted as read, never re-quantized.
         top = self.tiers[0].codec
@@ -211,13 +234,22 @@ class TierManager:
         if promotions:
             self._promote(promotions)
         self._commit()
+        return max(copy.tier for _, copy in pinned)
 
     def lookup(self, keys: Sequence[bytes]) -> int:
-        return self._index.longest_prefix(keys)
+        start = time.perf_counter()
+        try:
+            return self._index.longest_prefix(keys)
+        finally:
+            self._latency["lookup"].record(time.perf_counter() - start)
 
     def lookup_tokens(self, token_ids: Any, block_tokens: int, root: bytes) -> int:
         """Leading full blocks of ``token_ids`` present, hashing (chained from ``root``) and probing in one call."""
-        return self._index.longest_prefix_tokens(token_ids, block_tokens, root)
+        start = time.perf_counter()
+        try:
+            return self._index.longest_prefix_tokens(token_ids, block_tokens, root)
+        finally:
+            self._latency["lookup_tokens"].record(time.perf_counter() - start)
 
     def contains(self, key: bytes) -> bool:
         return key in self._index
@@ -298,7 +330,8 @@ class TierManager:
                     used_bytes=used * tier.slot_nbytes, capacity_bytes=tier.capacity_slots * tier.slot_nbytes)
             t = self._totals
             return StoreStats(tiers=tiers, puts=t.puts, gets=t.gets, hits=t.hits, misses=t.misses,
-                              dropped=t.dropped, deletes=t.deletes, blocks=len(self._entries))
+                              dropped=t.dropped, deletes=t.deletes, blocks=len(self._entries),
+                              latency={op: h.snapshot() for op, h in self._latency.items()})
 
     def snapshot(self) -> Snapshot:
         with self._lock:
@@ -504,8 +537,12 @@ class TierManager:
                 writes.append(move)
         try:
             try:
-                if handovers:  # victims' bytes must be out of their slots before new bytes land there
-                    self._place(t + 1, [Move(victim, source=copy) for victim, copy in handovers], spare)
+                if handovers and t + 1 < len(self.tiers):  # victims' bytes leave their slots before new ones land
+                    start = time.perf_counter()
+                    try:
+                        self._place(t + 1, [Move(victim, source=copy) for victim, copy in handovers], spare)
+                    finally:
+                        self._latency[f"demote.{self.tiers[t + 1].name}"].record(time.perf_counter() - start)
             finally:
                 if handovers:
                     with self._lock:

@@ -1,10 +1,80 @@
 """Counters kept by the tier manager and the frozen snapshots ``BlockStore.stats()`` returns."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import math
+import threading
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["TierStats", "StoreStats", "TierCounters"]
+__all__ = ["TierStats", "StoreStats", "TierCounters", "LatencyStats", "LatencyHistogram"]
+
+# Latency buckets: log-spaced, 4 per doubling from 1 us up, the last one open-ended. A quantile is reported as
+# the upper edge of the bucket it falls in (at most 19% above the true value), never above the largest sample.
+_BUCKET_BASE_S = 1e-6
+_BUCKETS_PER_DOUBLING = 4
+_N_BUCKETS = 4 * 36  # up to 2**36 us (about 19 hours)
+
+
+def bucket_upper_bound(i: int) -> float:
+    """Upper edge of latency bucket ``i`` in seconds (``inf`` for the last one)."""
+    return math.inf if i >= _N_BUCKETS - 1 else _BUCKET_BASE_S * 2.0 ** (i / _BUCKETS_PER_DOUBLING)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """One operation's latency distribution since the store opened. Seconds; quantiles are bucket upper edges
+    (at most 19% above the true value) capped at the largest sample."""
+
+    count: int
+    total_s: float
+    max_s: float
+    p50_s: float
+    p99_s: float
+    buckets: tuple[int, ...]  # samples per bucket (see bucket_upper_bound), for exporters
+
+    @property
+    def mean_s(self) -> float:
+        return self.total_s / self.count if self.count else 0.0
+
+
+class LatencyHistogram:
+    """A thread-safe latency histogram with fixed log-spaced buckets: O(1) to record, no sample kept."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = [0] * _N_BUCKETS
+        self._count = 0
+        self._total = 0.0
+        self._max = 0.0
+
+    def record(self, seconds: float) -> None:
+        if seconds <= _BUCKET_BASE_S:
+            i = 0
+        else:
+            i = min(_N_BUCKETS - 1, math.ceil(math.log2(seconds / _BUCKET_BASE_S) * _BUCKETS_PER_DOUBLING))
+        with self._lock:
+            self._counts[i] += 1
+            self._count += 1
+            self._total += seconds
+            self._max = max(self._max, seconds)
+
+    def snapshot(self) -> LatencyStats:
+        with self._lock:
+            counts, count, total, peak = tuple(self._counts), self._count, self._total, self._max
+        return LatencyStats(count=count, total_s=total, max_s=peak, p50_s=_quantile(counts, count, 0.5, peak),
+                            p99_s=_quantile(counts, count, 0.99, peak), buckets=counts)
+
+
+def _quantile(counts: tuple[int, ...], count: int, q: float, peak: float) -> float:
+    if count == 0:
+        return 0.0
+    rank = max(1, math.ceil(q * count))
+    seen = 0
+    for i, c in enumerate(counts):
+        seen += c
+        if seen >= rank:
+            return min(bucket_upper_bound(i), peak)
+    return peak
 
 
 @dataclass
@@ -64,6 +134,10 @@ class StoreStats:
     dropped: int = 0      # blocks that fell off the last tier (or found no tier with room)
     deletes: int = 0      # blocks removed by delete()
     blocks: int = 0       # distinct blocks stored now (a block may have copies in several tiers)
+    # Latency per operation: "lookup", "lookup_tokens", "put", "get.<tier>" (a get call, by the lowest tier any
+    # of its blocks came from; "get.miss" when it raised BlockNotFound) and "demote.<tier>" (one batch of blocks
+    # pushed down into that tier to make room above).
+    latency: dict[str, LatencyStats] = field(default_factory=dict)
 
     def __getitem__(self, tier: str) -> TierStats:
         return self.tiers[tier]
@@ -87,7 +161,9 @@ class StoreStats:
         return self.hits / asked if asked else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tiers"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("tiers", "latency")}
         out["tiers"] = {name: {**asdict(t), "hit_rate": t.hit_rate} for name, t in self.tiers.items()}
+        out["latency"] = {op: {"count": l.count, "mean_s": l.mean_s, "p50_s": l.p50_s, "p99_s": l.p99_s,
+                               "max_s": l.max_s} for op, l in self.latency.items()}
         out.update(corrupt=self.corrupt, failed_writes=self.failed_writes, hit_rate=self.hit_rate)
         return out
