@@ -70,6 +70,10 @@ class StoreConfig:
                                "Disk I/O: 'posix' (O_DIRECT on a thread pool), 'kvikio' (GPUDirect Storage), "
                                "or 'auto' (kvikio when it imports and a CUDA driver is present).")
     io_threads: int = _field(4, "TIERKV_IO_THREADS", "Threads issuing disk I/O in parallel.")
+    disk_admit_uses: int = _field(1, "TIERKV_DISK_ADMIT_USES",
+                                  "A block pushed down to the disk tier is written there only if it was used (put, "
+                                  "or returned by get) at least this many times; others fall off instead, sparing "
+                                  "SSD wear on one-off prompts. flush() and close() write every block regardless.")
 
     def __post_init__(self) -> None:
         for name in ("device_bytes", "host_bytes", "disk_bytes"):
@@ -96,8 +100,10 @@ class StoreConfig:
             raise ValueError(f"expected host_codec and disk_codec to be the same lossy codec (or one of them 'none'), "
                              f"got {self.host_codec!r} and {self.disk_codec!r}: a block moving between them would "
                              "be quantized twice")
-        if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or self.io_threads < 1:
-            raise ValueError(f"expected io_threads to be a positive int, got {self.io_threads!r}")
+        for name in ("io_threads", "disk_admit_uses"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"expected {name} to be a positive int, got {value!r}")
         if not (self.device_bytes or self.host_bytes or self.disk_path):
             raise ValueError("expected at least one tier enabled (device_bytes, host_bytes or disk_path), "
                              "got all disabled")
@@ -111,7 +117,7 @@ class StoreConfig:
             raw = environ.get(f.metadata["env"])
             if raw is None or raw == "":
                 continue
-            if f.name == "io_threads":
+            if f.name in ("io_threads", "disk_admit_uses"):  # counts; byte sizes parse their own units
                 try:
                     values[f.name] = int(raw)
                 except ValueError:

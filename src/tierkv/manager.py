@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -60,10 +61,11 @@ class Entry:
     """A block and its copies. ``alive`` turns False when it is deleted or lost; work in flight on a dead
     entry frees what it holds when it finishes."""
 
-    __slots__ = ("key", "copies", "alive", "placing", "stamp")
+    __slots__ = ("key", "copies", "alive", "placing", "stamp", "uses")
 
     def __init__(self, key: bytes, stamp: int) -> None:
         self.key = key
+        self.uses = 1  # puts and get hits, for the disk tier's admission rule
         self.stamp = stamp  # last use on the manager's logical clock: one recency order across all tiers
         self.copies: dict[int, Copy] = {}
         self.alive = True
@@ -115,7 +117,7 @@ class TierManager:
     each tier stores blocks as its codec says, and blocks are converted as they cross between codecs.
     """
 
-    def __init__(self, tiers: Sequence[Tier], policy: str, io_threads: int) -> None:
+    def __init__(self, tiers: Sequence[Tier], policy: str, io_threads: int, disk_admit_uses: int = 1) -> None:
         assert tiers, "a tier manager needs at least one tier"
         self.tiers = list(tiers)
         layout = self.tiers[0].codec.layout
@@ -125,6 +127,11 @@ class TierManager:
         self._policies = [make_policy(policy) for _ in self.tiers]
         self._counters = [TierCounters() for _ in self.tiers]
         self._totals = _Totals()
+        self._admit_uses = disk_admit_uses
+        # Uses of blocks the admission rule refused, so a prompt that comes back counts its earlier visits;
+        # bounded, oldest forgotten first.
+        self._ghosts: OrderedDict[bytes, int] = OrderedDict()
+        self._ghost_limit = max(4096, sum(t.capacity_slots for t in self.tiers))
         # Fixed set of histograms, made once: recording needs no lookup lock (see StoreStats.latency for names).
         ops = ["lookup", "lookup_tokens", "put", "get.miss"] + [f"get.{t.name}" for t in self.tiers]
         ops += [f"demote.{t.name}" for t in self.tiers[1:]]
@@ -149,6 +156,7 @@ class TierManager:
                 if entry is None:
                     entry = self._new_entry(key)
                 entry.copies[t] = Copy(t, slot, READY)
+                entry.uses = max(entry.uses, self._admit_uses)  # on disk already: it was admitted once
                 self._policies[t].insert(key, entry.stamp)
 
     # -- public operations ----------------------------------------------------------------------------------
@@ -326,7 +334,7 @@ class TierManager:
                     name=tier.name, hits=c.hits, misses=c.misses, evictions=c.evictions, promotions=c.promotions,
                     bytes_read=c.bytes_read, bytes_written=c.bytes_written, corrupt=c.corrupt,
                     failed_writes=c.failed_writes, failed_reads=c.failed_reads,
-                    used_blocks=used, capacity_blocks=tier.capacity_slots,
+                    not_admitted=c.not_admitted, used_blocks=used, capacity_blocks=tier.capacity_slots,
                     used_bytes=used * tier.slot_nbytes, capacity_bytes=tier.capacity_slots * tier.slot_nbytes)
             t = self._totals
             return StoreStats(tiers=tiers, puts=t.puts, gets=t.gets, hits=t.hits, misses=t.misses,
@@ -515,6 +523,18 @@ class TierManager:
             # One move per block (a get may name a key twice); blocks gone or already here need nothing.
             unique = {id(m.entry): m for m in reversed(moves)}
             candidates = [m for m in unique.values() if m.entry.alive and t not in m.entry.copies]
+            if tier.persistent and spare is None and self._admit_uses > 1:
+                # Admission: blocks used fewer times than the rule asks fall off here instead of wearing the SSD
+                # (flush passes ``spare`` and writes everything it was asked to).
+                refused = [m for m in candidates if m.entry.uses < self._admit_uses]
+                if refused:
+                    self._counters[t].not_admitted += len(refused)
+                    for move in refused:
+                        self._ghosts[move.entry.key] = move.entry.uses
+                        self._ghosts.move_to_end(move.entry.key)
+                    while len(self._ghosts) > self._ghost_limit:
+                        self._ghosts.popitem(last=False)
+                    candidates = [m for m in candidates if m.entry.uses >= self._admit_uses]
             candidates.sort(key=lambda m: m.entry.stamp, reverse=True)  # the most recent get room first
             free = min(tier.free_slots, len(candidates))
             for move in candidates[:free]:
@@ -630,6 +650,7 @@ class TierManager:
 
     def _new_entry(self, key: bytes) -> Entry:
         entry = self._entries[key] = Entry(key, self._tick())
+        entry.uses += self._ghosts.pop(key, 0)
         self._index.set(key, 1)
         return entry
 
@@ -638,6 +659,7 @@ class TierManager:
         return self._clock
 
     def _touch(self, entry: Entry) -> None:
+        entry.uses += 1
         entry.stamp = self._tick()
         for t, copy in entry.copies.items():
             if copy.state == READY:

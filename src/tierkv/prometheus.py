@@ -7,11 +7,12 @@
 Every scrape reads ``store.stats()`` once; nothing is sampled in between. Names (``tierkv_`` prefix by default):
 per tier, with label ``tier``: ``tier_hits_total``, ``tier_misses_total``, ``tier_evictions_total``,
 ``tier_promotions_total``, ``tier_read_bytes_total``, ``tier_written_bytes_total``, ``tier_corrupt_total``,
-``tier_failed_writes_total``, ``tier_failed_reads_total``, gauges ``tier_used_blocks``, ``tier_capacity_blocks``,
-``tier_used_bytes``, ``tier_capacity_bytes``, ``tier_hit_rate``; store-wide ``puts_total``, ``gets_total``,
-``hits_total``, ``misses_total``, ``dropped_total``, ``deletes_total``, gauge ``blocks``; and the histogram
-``latency_seconds`` with labels ``op`` (lookup, lookup_tokens, put, get, demote) and ``tier`` (get: the tier the
-blocks came from, or "miss"; demote: the tier blocks went to; empty otherwise).
+``tier_failed_writes_total``, ``tier_failed_reads_total``, ``tier_not_admitted_total``, gauges
+``tier_used_blocks``, ``tier_capacity_blocks``, ``tier_used_bytes``, ``tier_capacity_bytes``, ``tier_hit_rate``;
+store-wide ``puts_total``, ``gets_total``, ``hits_total``, ``misses_total``, ``dropped_total``,
+``deletes_total``, gauge ``blocks``; and the histogram ``latency_seconds`` with labels ``op`` (lookup,
+lookup_tokens, put, get, demote) and ``tier`` (get: the tier the blocks came from, or "miss"; demote: the tier
+blocks went to; empty otherwise). See docs/metrics.md.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ _TIER_COUNTERS = [("hits", "hits", "blocks served to get() from this tier"),
                   ("written_bytes", "bytes_written", "bytes written into this tier"),
                   ("corrupt", "corrupt", "copies dropped because their checksum failed"),
                   ("failed_writes", "failed_writes", "writes that failed (that copy was dropped)"),
-                  ("failed_reads", "failed_reads", "reads that failed (that copy was dropped)")]
+                  ("failed_reads", "failed_reads", "reads that failed (that copy was dropped)"),
+                  ("not_admitted", "not_admitted", "blocks refused by this tier's admission rule")]
 _TIER_GAUGES = [("used_blocks", "blocks stored in this tier"), ("capacity_blocks", "blocks this tier can hold"),
                 ("used_bytes", "bytes of slots in use"), ("capacity_bytes", "bytes of slots in all"),
                 ("hit_rate", "hits / (hits + misses) of this tier")]

@@ -90,6 +90,7 @@ class TierCounters:
     corrupt: int = 0        # copies whose checksum failed on read (dropped)
     failed_writes: int = 0  # writes that failed (ENOSPC, EIO, ...): that copy was dropped
     failed_reads: int = 0   # reads that failed (EIO, short read): that copy was dropped
+    not_admitted: int = 0   # blocks pushed down to this tier but refused by its admission rule (fell off)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class TierStats:
     capacity_blocks: int
     used_bytes: int
     capacity_bytes: int
+    not_admitted: int = 0
 
     @property
     def hit_rate(self) -> float:

@@ -46,7 +46,8 @@ class BlockStore:
         self.config = config
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if config.device_bytes and torch.cuda.is_available() else torch.device("cpu"))
-        self._manager = TierManager(self._open_tiers(), config.policy, config.io_threads)
+        self._manager = TierManager(self._open_tiers(), config.policy, config.io_threads,
+                                    disk_admit_uses=config.disk_admit_uses)
         self._lossy = any(t.codec.lossy for t in self._manager.tiers)
         self._state = threading.Condition()
         self._active = 0
