@@ -65,15 +65,16 @@ def worker(store, layout, prompts, deadline, seed, errors, counts, tokens=None):
         errors.append(exc)
 
 
-@pytest.mark.parametrize("combo", ["device", "device+host", "device+host+disk", "host+disk"])
-def test_threads_hammering_one_store(combo, tmp_path, layout):
+@pytest.mark.parametrize("combo, policy", [("device", "lru"), ("device+host", "lru"), ("device+host+disk", "lru"),
+                                           ("host+disk", "lru"), ("device+host+disk", "relevance")])
+def test_threads_hammering_one_store(combo, policy, tmp_path, layout):
     setup = make_tier_setup(combo, tmp_path, layout)
     # 6 prompts of 8 blocks (48 keys) for tiers of 2-4 blocks; keys derived from tokens, for lookup_tokens
     tokens = [list(range(1000 * p, 1000 * p + 8 * layout.block_tokens)) for p in range(6)]
     prompts = [tierkv.block_keys(t, layout.block_tokens) for t in tokens]
     errors: list[BaseException] = []
     counts = {k: 0 for k in ("put", "hit", "miss", "lookup", "delete", "flush")}
-    with setup.open(device=2, host=3, disk=4) as store:
+    with setup.open(device=2, host=3, disk=4, policy=policy) as store:
         deadline = time.monotonic() + DURATION.get(combo, DEFAULT_DURATION)
         threads = [threading.Thread(target=worker,
                                     args=(store, layout, prompts, deadline, seed, errors, counts, tokens),

@@ -73,7 +73,7 @@ def test_a_policy_named_by_dotted_path_orders_eviction(tmp_path, layout, path):
     ("no_such_module_for_tierkv:Policy", "importable module"),
     ("test_custom_policy:Missing", "EvictionPolicy subclass, got nothing"),
     ("test_custom_policy:NotAPolicy", "EvictionPolicy subclass"),
-    ("relevance", "dotted path"),
+    ("clock", "dotted path"),
 ])
 def test_a_bad_policy_path_is_a_value_error_at_config_time(path, says):
     with pytest.raises(ValueError, match=says):

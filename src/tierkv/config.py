@@ -13,10 +13,9 @@ from .policy import resolve_policy
 
 __all__ = ["StoreConfig", "parse_bytes", "CODECS", "POLICIES", "DISK_BACKENDS"]
 
-# What this version implements. The relevance policy arrives in a later release; until then asking for it is
-# an error, not a silent fallback.
+# What this version implements; anything else is an error, not a silent fallback.
 CODECS = ("none", "fp8", "int8")
-POLICIES = ("lru",)
+POLICIES = ("lru", "relevance")
 DISK_BACKENDS = ("auto", "posix", "kvikio")
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,

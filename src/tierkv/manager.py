@@ -61,11 +61,13 @@ class Entry:
     """A block and its copies. ``alive`` turns False when it is deleted or lost; work in flight on a dead
     entry frees what it holds when it finishes."""
 
-    __slots__ = ("key", "copies", "alive", "placing", "stamp", "uses")
+    __slots__ = ("key", "copies", "alive", "placing", "stamp", "uses", "parent", "children")
 
     def __init__(self, key: bytes, stamp: int) -> None:
         self.key = key
         self.uses = 1  # puts and get hits, for the disk tier's admission rule
+        self.parent: bytes | None = None  # prefix-aware policies: the key put just before this one
+        self.children: set[bytes] = set()
         self.stamp = stamp  # last use on the manager's logical clock: one recency order across all tiers
         self.copies: dict[int, Copy] = {}
         self.alive = True
@@ -108,6 +110,7 @@ class _Totals:
     misses: int = 0
     dropped: int = 0
     deletes: int = 0
+    orphaned: int = 0
 
 
 class TierManager:
@@ -125,6 +128,8 @@ class TierManager:
         self._raw = NoneCodec(layout)  # what callers pass to put and get back from get
         self._scratch = ScratchBuffers()
         self._policies = [make_policy(policy) for _ in self.tiers]
+        # The keys of one put form a prefix chain (ARCHITECTURE.md); a prefix-aware policy wants it used.
+        self._prefix_aware = bool(getattr(self._policies[0], "prefix_aware", False))
         self._counters = [TierCounters() for _ in self.tiers]
         self._totals = _Totals()
         self._admit_uses = disk_admit_uses
@@ -171,7 +176,10 @@ class TierManager:
     def _put(self, keys: Sequence[bytes], data: torch.Tensor) -> int:
         moves: list[Move] = []
         with self._lock:
-            for i, key in enumerate(keys):
+            # Prefix-aware: the head of the chain is stamped last (most recent), so tails leave before heads.
+            order = range(len(keys) - 1, -1, -1) if self._prefix_aware else range(len(keys))
+            for i in order:
+                key = keys[i]
                 entry = self._entries.get(key)
                 if entry is not None:
                     self._touch(entry)
@@ -180,6 +188,8 @@ class TierManager:
                 entry.placing = True
                 moves.append(Move(entry, data=data[i], data_codec=self._raw))
             self._totals.puts += len(moves)
+            if self._prefix_aware:
+                self._link_chain(keys, {id(m.entry) for m in moves})
         try:
             self._place_in_chunks(0, moves)
         finally:
@@ -223,13 +233,16 @@ class TierManager:
         errors = self._load_all(pinned, out, stash)
         failed: list[tuple[Entry, str]] = []
         with self._lock:
+            used: list[Entry] = []
             for (entry, copy), error in zip(pinned, errors):
                 if error is None:
                     self._count_hit(copy.tier)
-                    self._touch(entry)
+                    used.append(entry)
                 else:
                     failed.append((entry, self._read_failed(entry, copy, error)))
                 self._unpin(copy)
+            for entry in reversed(used) if self._prefix_aware else used:  # a prefix is at least as recent
+                self._touch(entry)
             self._changed.notify_all()
         self._raise_unexpected(errors)
         if failed:
@@ -267,17 +280,11 @@ class TierManager:
         removed = 0
         with self._lock:
             for key in keys:
-                entry = self._entries.pop(key, None)
+                entry = self._entries.get(key)
                 if entry is None:
                     continue
-                self._index.discard(key)
                 removed += 1
-                entry.alive = False
-                for copy in list(entry.copies.values()):
-                    if copy.state == READY:
-                        self._policies[copy.tier].remove(key)
-                        self._detach(entry, copy, free_slot=True)
-                    # writing/evicting copies are finished by the thread moving them, which sees alive=False
+                self._forget(entry)
             self._totals.deletes += removed
         self._commit()
         return removed
@@ -338,7 +345,7 @@ class TierManager:
                     used_bytes=used * tier.slot_nbytes, capacity_bytes=tier.capacity_slots * tier.slot_nbytes)
             t = self._totals
             return StoreStats(tiers=tiers, puts=t.puts, gets=t.gets, hits=t.hits, misses=t.misses,
-                              dropped=t.dropped, deletes=t.deletes, blocks=len(self._entries),
+                              dropped=t.dropped, deletes=t.deletes, orphaned=t.orphaned, blocks=len(self._entries),
                               latency={op: h.snapshot() for op, h in self._latency.items()})
 
     def snapshot(self) -> Snapshot:
@@ -692,6 +699,41 @@ class TierManager:
                 self._index.discard(entry.key)
             if evicted:
                 self._totals.dropped += 1
+                if self._prefix_aware:
+                    self._free_descendants(entry)
+
+    def _link_chain(self, keys: Sequence[bytes], new: set[int]) -> None:
+        """Record that each newly stored key of a put follows the key before it."""
+        for parent_key, key in zip(keys, keys[1:]):
+            entry, parent = self._entries.get(key), self._entries.get(parent_key)
+            if entry is not None and parent is not None and id(entry) in new and parent is not entry:
+                entry.parent = parent_key
+                parent.children.add(key)
+
+    def _free_descendants(self, root: Entry) -> None:
+        """``root`` fell off the last tier: no prefix lookup can reach what was stored after it any more, so
+        those blocks are freed too (counted in ``orphaned``)."""
+        pending, seen = list(root.children), {root.key}
+        while pending:
+            key = pending.pop()
+            entry = self._entries.get(key)
+            if entry is None or entry.parent not in seen or key in seen:
+                continue  # gone already, or re-stored under another prefix since
+            seen.add(key)
+            pending.extend(entry.children)
+            self._forget(entry)
+            self._totals.orphaned += 1
+
+    def _forget(self, entry: Entry) -> None:
+        """Remove a block from the store, every tier included (delete, orphans); in-flight copies are finished
+        by the thread moving them, which sees ``alive`` False."""
+        del self._entries[entry.key]
+        self._index.discard(entry.key)
+        entry.alive = False
+        for copy in list(entry.copies.values()):
+            if copy.state == READY:
+                self._policies[copy.tier].remove(entry.key)
+                self._detach(entry, copy, free_slot=True)
 
     def _count_hit(self, t: int) -> None:
         self._totals.hits += 1

@@ -135,6 +135,7 @@ class StoreStats:
     misses: int = 0       # blocks get() could not return (BlockNotFound)
     dropped: int = 0      # blocks that fell off the last tier (or found no tier with room)
     deletes: int = 0      # blocks removed by delete()
+    orphaned: int = 0     # blocks freed because their prefix fell off the last tier (prefix-aware policies)
     blocks: int = 0       # distinct blocks stored now (a block may have copies in several tiers)
     # Latency per operation: "lookup", "lookup_tokens", "put", "get.<tier>" (a get call, by the lowest tier any
     # of its blocks came from; "get.miss" when it raised BlockNotFound) and "demote.<tier>" (one batch of blocks

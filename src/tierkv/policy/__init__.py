@@ -5,10 +5,11 @@ import importlib
 
 from .base import EvictionPolicy
 from .lru import LRUPolicy
+from .relevance import RelevancePolicy
 
-__all__ = ["EvictionPolicy", "LRUPolicy", "make_policy", "resolve_policy"]
+__all__ = ["EvictionPolicy", "LRUPolicy", "RelevancePolicy", "make_policy", "resolve_policy"]
 
-_POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy}
+_POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "relevance": RelevancePolicy}
 
 
 def resolve_policy(name: str) -> type[EvictionPolicy]:

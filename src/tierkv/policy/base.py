@@ -10,7 +10,14 @@ class EvictionPolicy(ABC):
     ``stamp`` is the block's last use on the store's logical clock (larger = more recent), the same clock for
     every tier, so a block demoted into a tier keeps its age there instead of counting as new.
     The manager calls every method under its own lock, so implementations need no locking of their own.
+
+    A policy with ``prefix_aware = True`` asks the manager to treat the keys of one ``put`` as a prefix chain:
+    within a batch the head gets the most recent stamp (a prefix is worth at least what follows it), and when
+    a block falls off the last tier its cached descendants, which no prefix lookup can reach any more, are
+    freed too (counted in ``stats().orphaned``).
     """
+
+    prefix_aware = False
 
     @abstractmethod
     def insert(self, key: bytes, stamp: int) -> None:

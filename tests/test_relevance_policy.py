@@ -1,0 +1,115 @@
+"""The relevance policy: prefix chains leave tail first, reuse keeps shared prefixes, orphans are freed."""
+from __future__ import annotations
+
+import pytest
+
+import tierkv
+from conftest import assert_bit_equal, check_invariants, make_blocks, make_keys, make_tier_setup
+from tierkv.policy import RelevancePolicy
+
+
+def open_store(tmp_path, layout, combo="device", **caps):
+    return make_tier_setup(combo, tmp_path, layout).open(policy="relevance", **caps)
+
+
+def test_a_chain_too_long_for_the_store_keeps_its_head(tmp_path, layout):
+    """LRU keeps the tail of a chain that does not fit (its head is the oldest block), which no lookup can
+    use; relevance keeps the head, so lookup finds the longest prefix the store can hold."""
+    keys = make_keys(6, seed=111)
+    blocks = make_blocks(6, layout, seed=112)
+    with open_store(tmp_path, layout, device=4) as store:
+        store.put(keys, blocks)
+        assert store.lookup(keys) == 4
+        assert_bit_equal(store.get(keys[:4]), blocks[:4])
+        check_invariants(store)
+    with make_tier_setup("device", tmp_path, layout).open(device=4) as store:  # lru, for contrast
+        store.put(keys, blocks)
+        assert store.lookup(keys) == 0
+
+
+def test_leaves_leave_before_their_ancestors(tmp_path, layout):
+    """Two conversations share a 2-block system prompt; a third, unrelated prompt needs room: the evicted
+    blocks are conversation tails, never the shared prefix."""
+    system = make_keys(2, seed=113)
+    conv_a, conv_b, other = make_keys(2, seed=114), make_keys(2, seed=115), make_keys(2, seed=116)
+    blocks = make_blocks(2, layout, seed=117)
+    with open_store(tmp_path, layout, device=6) as store:
+        store.put(system + conv_a, make_blocks(4, layout, seed=1))
+        store.put(system + conv_b, make_blocks(4, layout, seed=2))  # system refreshed, b added: 6 blocks
+        store.put(other, blocks)                                      # needs 2 slots
+        assert all(k in store for k in system), "the shared prefix stays"
+        assert store.lookup(system + conv_b) >= 2 and store.lookup(system + conv_a) >= 2
+        evicted = [k for k in conv_a + conv_b if k not in store]
+        assert len(evicted) == 2
+        for conv in (conv_a, conv_b):  # within a conversation, the later block leaves first
+            assert not (conv[0] not in store and conv[1] in store)
+
+
+def test_a_reused_prefix_outlives_a_stream_of_one_off_prompts(tmp_path, layout):
+    system = make_keys(2, seed=118)
+    with open_store(tmp_path, layout, device=8) as store:
+        store.put(system, make_blocks(2, layout, seed=3))
+        for turn in range(3):  # the system prompt is reused
+            store.get(system)
+        for i in range(6):  # one-off prompts of 2 blocks, more than the tier holds besides the prefix
+            store.put(make_keys(2, seed=200 + i), make_blocks(2, layout, seed=i))
+        assert store.lookup(system) == 2
+    with make_tier_setup("device", tmp_path, layout).open(device=8) as store:  # lru forgets it
+        store.put(system, make_blocks(2, layout, seed=3))
+        for turn in range(3):
+            store.get(system)
+        for i in range(6):
+            store.put(make_keys(2, seed=200 + i), make_blocks(2, layout, seed=i))
+        assert store.lookup(system) == 0
+
+
+@pytest.mark.parametrize("combo, caps", [("device", dict(device=3)), ("host+disk", dict(host=1, disk=2))])
+def test_descendants_of_a_block_that_fell_off_the_last_tier_are_freed(tmp_path, layout, combo, caps):
+    """[a, b] is a chain; b alone is read again and again (so it scores high) while a is not. When a falls off
+    the last tier, b can no longer be found by any prefix lookup: it is freed too, counted in orphaned,
+    and its slot serves newer blocks."""
+    a, b = make_keys(2, seed=119)
+    with open_store(tmp_path, layout, combo=combo, **caps) as store:
+        store.put([a, b], make_blocks(2, layout, seed=4))
+        for _ in range(3):
+            store.get([b])
+        newer = make_keys(3, seed=120)
+        for i, k in enumerate(newer):
+            store.put([k], make_blocks(1, layout, seed=10 + i))
+        stats = store.stats()
+        assert a not in store and b not in store
+        assert stats.orphaned == 1 and stats.dropped >= 1
+        assert all(k in store for k in newer[-2:])
+        check_invariants(store)
+
+
+def test_orphans_are_freed_in_every_tier_and_counted(tmp_path, layout):
+    """host 1, disk 3 (the last tier): a 3-block chain leaves its head on the host, the rest on disk. Newer
+    one-block prompts push the head down and the disk makes room by evicting its least relevant block; when
+    a chain block falls off, what follows it goes too: the store never holds a block past a gap in its chain."""
+    chain = make_keys(3, seed=122)
+    with open_store(tmp_path, layout, combo="host+disk", host=1, disk=3) as store:
+        store.put(chain, make_blocks(3, layout, seed=6))
+        for i in range(4):
+            store.put(make_keys(1, seed=123 + i), make_blocks(1, layout, seed=9 + i))
+            present = [k in store for k in chain]
+            assert present == sorted(present, reverse=True), f"after prompt {i}: {present}"
+            check_invariants(store)
+        stats = store.stats()
+        lost = 3 - sum(k in store for k in chain)
+        assert lost >= 1 and stats.orphaned + stats.dropped >= lost
+        used = stats["host"].used_blocks + stats["disk"].used_blocks
+        assert used == stats.blocks, "every slot in use holds a block the index still knows"
+
+
+def test_scores_order_a_tier_by_recency_plus_reuse():
+    policy = RelevancePolicy()
+    for stamp, key in enumerate([b"a", b"b", b"c"]):
+        policy.insert(key, stamp)
+    assert policy.order() == [b"a", b"b", b"c"]
+    policy.touch(b"a", 3)       # reused: 3 + 1 * 1 * 3 = 6
+    assert policy.order() == [b"b", b"c", b"a"]
+    assert policy.evict(1, lambda k: False) == [b"b"]
+    assert policy.evict(1, lambda k: k == b"c", newer_than=100) == [b"a"]
+    assert policy.evict(1, lambda k: False, newer_than=0) is None
+    assert len(policy) == 1 and b"c" in policy
