@@ -17,7 +17,8 @@ from tierkv.bench.progress import Progress
 from tierkv.bench.tier import main
 
 TINY = ["--layers", "2", "--kv-heads", "2", "--head-dim", "64", "--block-tokens", "16",  # 16 KiB blocks
-        "--total-bytes", "1MiB", "--repeats", "2", "--threads", "2", "--prompt-tokens", "4096"]
+        "--total-bytes", "1MiB", "--repeats", "2", "--threads", "2", "--prompt-tokens", "4096",
+        "--trace-requests", "150"]
 
 
 def _positive(x: object) -> bool:
@@ -128,3 +129,15 @@ def test_codec_lookup_and_disk_codec_sections_report_their_figures(report: dict)
     for codec_name in ("none", "fp8"):
         assert _positive(disk["codecs"][codec_name]["get_gbps"])
     assert _positive(disk["get_ratio"])
+
+
+def test_policy_trace_reports_both_policies_on_the_same_requests(report: dict) -> None:
+    policy = report["policy"]
+    assert policy["requests"] == 150
+    for name in ("lru", "relevance"):
+        run = policy[name]
+        assert run["policy"] == name and run["requested_blocks"] == policy["lru"]["requested_blocks"] > 0
+        assert 0 <= run["cached_blocks"] <= run["requested_blocks"]
+        assert run["hit_rate"] == run["cached_blocks"] / run["requested_blocks"]
+        assert sum(t["hits"] for t in run["tiers"].values()) >= run["cached_blocks"]
+    assert policy["gain_points"] == 100 * (policy["relevance"]["hit_rate"] - policy["lru"]["hit_rate"])

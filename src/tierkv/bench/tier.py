@@ -9,6 +9,7 @@ machine, timed in the same run, interleaved with the store's timings and with th
   as large as the store's (``io_threads``), ``os.fdatasync`` at the end of the write;
 - ``block_keys``: the native path against the pure-Python reference on a 128k-token prompt;
 - ``codec``, ``lookup``, ``disk-codec``: quantize/dequantize kernels, ``lookup_tokens`` and the fp8 disk tier
+- ``policy``: hit rate of the "relevance" eviction policy against "lru" on a multi-session serving trace
   (see :mod:`tierkv.bench.codec`).
 
 GB/s counts payload bytes moved once (1 GB = 1e9 bytes), never bytes read plus bytes written. The targets
@@ -41,6 +42,7 @@ from tierkv.config import parse_bytes
 from tierkv.keys import block_keys_reference, root_key
 
 from .codec import bench_codec, bench_disk_codec, bench_lookup
+from .policy import bench_policies
 from .progress import Progress
 
 __all__ = ["main"]
@@ -51,7 +53,7 @@ GB = 1e9
 ALIGN = 4096                 # O_DIRECT wants buffers, offsets and sizes aligned to the logical block size
 SPARE_BLOCKS = 4             # capacity headroom so no measurement ever evicts
 VOCAB = 128_256              # Llama-3 vocabulary: token ids in a realistic range
-TIERS = ("host", "device", "disk", "keys", "codec", "lookup", "disk-codec")
+TIERS = ("host", "device", "disk", "keys", "codec", "lookup", "disk-codec", "policy")
 TARGETS = {                  # minimum ours/ceiling ratio per (tier, op); None = shown for information
     ("host", "put"): 0.80, ("host", "get_out"): 0.80,
     ("disk", "put"): 0.80, ("disk", "get_out"): 0.80,
@@ -74,6 +76,7 @@ class Options:
     out: Path
     prompt_tokens: int
     seed: int
+    trace_requests: int = 1500  # requests in the policy trace
 
     @property
     def nblocks(self) -> int:
@@ -101,6 +104,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="where the temporary disk-tier directory is made (default: current dir, else /tmp)")
     p.add_argument("--prompt-tokens", type=int, default=131072,
                    help="prompt length for the block_keys timing (default: 131072)")
+    p.add_argument("--trace-requests", type=int, default=1500,
+                   help="requests in the policy trace, replayed under lru and relevance (default: 1500)")
     p.add_argument("--seed", type=int, default=0, help="random seed for block contents and keys")
     p.add_argument("--out", default="bench-results/tier_bench.json",
                    help="JSON results path (default: bench-results/tier_bench.json)")
@@ -124,6 +129,7 @@ def parse_args(argv: list[str] | None) -> Options:
         (a.repeats >= 1, f"expected --repeats >= 1, got {a.repeats}"),
         (a.prompt_tokens >= layout.block_tokens,
          f"expected --prompt-tokens >= --block-tokens ({layout.block_tokens}), got {a.prompt_tokens}"),
+        (a.trace_requests >= 1, f"expected --trace-requests >= 1, got {a.trace_requests}"),
         (bool(tiers) and set(tiers) <= set(TIERS), f"expected --tiers from {','.join(TIERS)}, got {a.tiers!r}"),
     ]
     for ok, message in checks:
@@ -131,7 +137,7 @@ def parse_args(argv: list[str] | None) -> Options:
             parser.error(message)
     return Options(layout=layout, total_bytes=total, threads=a.threads, repeats=a.repeats,
                    tiers=tuple(t for t in TIERS if t in tiers), disk_dir=a.disk_dir, out=Path(a.out),
-                   prompt_tokens=a.prompt_tokens, seed=a.seed)
+                   prompt_tokens=a.prompt_tokens, seed=a.seed, trace_requests=a.trace_requests)
 
 
 # --------------------------------------------------------------------------------------------- buffers
@@ -784,6 +790,11 @@ def footnotes(opts: Options, results: dict[str, Any]) -> list[str]:
     if "disk_codec" in results:
         notes.append("disk fp8 rows: ours = disk tier with disk_codec='fp8', ceiling column = 'none', both "
                      "counting bf16 bytes delivered; cold get judged.")
+    if "policy" in results:
+        r = results["policy"]
+        notes.append(f"policy rows: ours = relevance, ceiling column = lru, same trace ({r['requests']} requests: "
+                     "conversations on shared system prompts, document questions, one-off prompts) and capacities; "
+                     "hit rate = cached blocks / requested blocks.")
     for tier, section in results["tiers"].items():
         notes += [f"{tier}: {n}" for n in section["notes"]]
     return notes
@@ -805,10 +816,10 @@ def run(opts: Options) -> tuple[dict[str, Any], list[tuple[str, ...]], list[str]
     results: dict[str, Any] = {"tiers": {}}
     rows: list[tuple[str, ...]] = []
     failures: list[str] = []
-    sections = {"keys", "codec", "lookup", "disk-codec"}
+    sections = {"keys", "codec", "lookup", "disk-codec", "policy"}
     tier_names = [t for t in tier_names if t not in sections]
     steps = (opts.repeats * len(tier_names) + ("keys" in opts.tiers) + 2 * ("codec" in opts.tiers)
-             + ("lookup" in opts.tiers) + opts.repeats * ("disk-codec" in opts.tiers))
+             + ("lookup" in opts.tiers) + opts.repeats * ("disk-codec" in opts.tiers) + 2 * ("policy" in opts.tiers))
     with Progress(steps) as progress:
         bufs = make_buffers(opts.layout, opts.nblocks, rng) if tier_names else None
         for tier in tier_names:
@@ -839,6 +850,10 @@ def run(opts: Options) -> tuple[dict[str, Any], list[tuple[str, ...]], list[str]
                     opts.layout, opts.nblocks, opts.threads, opts.repeats, workdir, rng, drop_page_cache, progress)
             rows += section_rows
             failures += [f"disk codec: {f}" for f in section_failures]
+        if "policy" in opts.tiers:
+            results["policy"], section_rows, section_failures = bench_policies(opts.seed, opts.trace_requests, progress)
+            rows += section_rows
+            failures += [f"policy trace: {f}" for f in section_failures]
     return results, rows, failures
 
 
