@@ -113,3 +113,16 @@ def test_scores_order_a_tier_by_recency_plus_reuse():
     assert policy.evict(1, lambda k: k == b"c", newer_than=100) == [b"a"]
     assert policy.evict(1, lambda k: False, newer_than=0) is None
     assert len(policy) == 1 and b"c" in policy
+
+
+def test_a_shared_prefix_does_not_collect_the_keys_of_blocks_long_gone(tmp_path, layout):
+    """A system prompt outlives thousands of conversations: the blocks stored after it that have left the store
+    must not stay in its bookkeeping."""
+    system = make_keys(1, seed=130)
+    with open_store(tmp_path, layout, device=4) as store:
+        for i in range(40):
+            store.put(system + make_keys(1, seed=1000 + i), make_blocks(2, layout, seed=i))
+            store.get(system)
+        entry = store._manager._entries[system[0]]
+        assert entry.children <= {k for k in entry.children if k in store}
+        assert len(entry.children) <= 3

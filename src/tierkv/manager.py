@@ -695,8 +695,7 @@ class TierManager:
         if entry.alive and not entry.copies and not entry.placing:
             entry.alive = False
             if self._entries.get(entry.key) is entry:
-                del self._entries[entry.key]
-                self._index.discard(entry.key)
+                self._remove_entry(entry)
             if evicted:
                 self._totals.dropped += 1
                 if self._prefix_aware:
@@ -727,13 +726,22 @@ class TierManager:
     def _forget(self, entry: Entry) -> None:
         """Remove a block from the store, every tier included (delete, orphans); in-flight copies are finished
         by the thread moving them, which sees ``alive`` False."""
-        del self._entries[entry.key]
-        self._index.discard(entry.key)
+        self._remove_entry(entry)
         entry.alive = False
         for copy in list(entry.copies.values()):
             if copy.state == READY:
                 self._policies[copy.tier].remove(entry.key)
                 self._detach(entry, copy, free_slot=True)
+
+    def _remove_entry(self, entry: Entry) -> None:
+        """Take ``entry`` out of the bookkeeping: the key map, the prefix index and its parent's children (a
+        long-lived prefix, such as a system prompt, would otherwise collect the keys of every block ever
+        stored after it)."""
+        del self._entries[entry.key]
+        self._index.discard(entry.key)
+        parent = self._entries.get(entry.parent) if entry.parent is not None else None
+        if parent is not None:
+            parent.children.discard(entry.key)
 
     def _count_hit(self, t: int) -> None:
         self._totals.hits += 1
