@@ -136,7 +136,8 @@ class TierManager:
         # Uses of blocks the admission rule refused, so a prompt that comes back counts its earlier visits;
         # bounded, oldest forgotten first.
         self._ghosts: OrderedDict[bytes, int] = OrderedDict()
-        self._ghost_limit = max(4096, sum(t.capacity_slots for t in self.tiers))
+        total_slots = sum(t.capacity_slots for t in self.tiers)
+        self._ghost_limit = max(4096, total_slots)
         # Fixed set of histograms, made once: recording needs no lookup lock (see StoreStats.latency for names).
         ops = ["lookup", "lookup_tokens", "put", "get.miss"] + [f"get.{t.name}" for t in self.tiers]
         ops += [f"demote.{t.name}" for t in self.tiers[1:]]
@@ -144,7 +145,7 @@ class TierManager:
         self._entries: dict[bytes, Entry] = {}
         # The keys of _entries again, in the native prefix index: lookups walk it without taking the manager
         # lock (it has its own reader-writer lock), and lookup_tokens hashes a prompt inside it in one call.
-        self._index = make_prefix_index(sum(t.capacity_slots for t in self.tiers))
+        self._index = make_prefix_index(total_slots)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._reported: set[str] = set()
@@ -167,11 +168,8 @@ class TierManager:
     # -- public operations ----------------------------------------------------------------------------------
     def put(self, keys: Sequence[bytes], data: torch.Tensor) -> int:
         """Store blocks not already present; refresh the recency of those that are. Returns how many were new."""
-        start = time.perf_counter()
-        try:
+        with self._latency["put"].timing():
             return self._put(keys, data)
-        finally:
-            self._latency["put"].record(time.perf_counter() - start)
 
     def _put(self, keys: Sequence[bytes], data: torch.Tensor) -> int:
         moves: list[Move] = []
@@ -258,19 +256,13 @@ class TierManager:
         return max(copy.tier for _, copy in pinned)
 
     def lookup(self, keys: Sequence[bytes]) -> int:
-        start = time.perf_counter()
-        try:
+        with self._latency["lookup"].timing():
             return self._index.longest_prefix(keys)
-        finally:
-            self._latency["lookup"].record(time.perf_counter() - start)
 
     def lookup_tokens(self, token_ids: Any, block_tokens: int, root: bytes) -> int:
         """Leading full blocks of ``token_ids`` present, hashing (chained from ``root``) and probing in one call."""
-        start = time.perf_counter()
-        try:
+        with self._latency["lookup_tokens"].timing():
             return self._index.longest_prefix_tokens(token_ids, block_tokens, root)
-        finally:
-            self._latency["lookup_tokens"].record(time.perf_counter() - start)
 
     def contains(self, key: bytes) -> bool:
         return key in self._index
@@ -565,11 +557,8 @@ class TierManager:
         try:
             try:
                 if handovers and t + 1 < len(self.tiers):  # victims' bytes leave their slots before new ones land
-                    start = time.perf_counter()
-                    try:
+                    with self._latency[f"demote.{self.tiers[t + 1].name}"].timing():
                         self._place(t + 1, [Move(victim, source=copy) for victim, copy in handovers], spare)
-                    finally:
-                        self._latency[f"demote.{self.tiers[t + 1].name}"].record(time.perf_counter() - start)
             finally:
                 if handovers:
                     with self._lock:

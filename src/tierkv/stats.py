@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Iterator
 
 __all__ = ["TierStats", "StoreStats", "TierCounters", "LatencyStats", "LatencyHistogram"]
 
@@ -57,6 +59,15 @@ class LatencyHistogram:
             self._count += 1
             self._total += seconds
             self._max = max(self._max, seconds)
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        """Record how long the ``with`` block takes, whether it returns or raises."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record(time.perf_counter() - start)
 
     def snapshot(self) -> LatencyStats:
         with self._lock:
