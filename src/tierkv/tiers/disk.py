@@ -10,7 +10,6 @@ import fcntl
 import itertools
 import logging
 import os
-import sys
 import threading
 
 import torch
@@ -132,13 +131,9 @@ class DiskTier(SlottedTier):
         if staged:
             buf = self._staging_buffer()
         self._file.pread(buf, slot * self.slot_nbytes)
-        if checksum(buf[:self.payload_nbytes]) != self._checksums[slot]:
-            raise CorruptBlock(f"slot {slot} of {self._file.path}: checksum mismatch")
+        self._verify(slot, buf)
         if staged:
             dst[:self.payload_nbytes].copy_(buf[:self.payload_nbytes])
-        key = self._slot_key.get(slot)
-        if key is not None:  # remember the access so the LRU order survives a restart
-            self._stage(key, slot)
 
     def read_run(self, first_slot: int, count: int, buf: torch.Tensor) -> list[BaseException | None]:
         """``count`` consecutive slots in one request (a few MiB per request is what NVMe, and this file system,
@@ -148,21 +143,27 @@ class DiskTier(SlottedTier):
         assert buf.numel() >= count * self.slot_nbytes and buf.data_ptr() % ALIGNMENT == 0, "read_run buffer"
         try:
             self._file.pread(buf[:count * self.slot_nbytes], first_slot * self.slot_nbytes)
-        except OSError:
+        except OSError as exc:
             if count == 1:
-                return [sys.exc_info()[1]]
+                return [exc]
             return Tier.read_run(self, first_slot, count, buf)
         results: list[BaseException | None] = []
         for j in range(count):
-            slot, start = first_slot + j, j * self.slot_nbytes
-            if checksum(buf[start:start + self.payload_nbytes]) != self._checksums[slot]:
-                results.append(CorruptBlock(f"slot {slot} of {self._file.path}: checksum mismatch"))
-                continue
-            results.append(None)
-            key = self._slot_key.get(slot)
-            if key is not None:
-                self._stage(key, slot)
+            try:
+                self._verify(first_slot + j, buf[j * self.slot_nbytes:])
+                results.append(None)
+            except CorruptBlock as exc:
+                results.append(exc)
         return results
+
+    def _verify(self, slot: int, buf: torch.Tensor) -> None:
+        """``buf`` holds what was read of ``slot``: check it against the slot's checksum (``CorruptBlock``
+        when it differs) and record the access, so the LRU order survives a restart."""
+        if checksum(buf[:self.payload_nbytes]) != self._checksums[slot]:
+            raise CorruptBlock(f"slot {slot} of {self._file.path}: checksum mismatch")
+        key = self._slot_key.get(slot)
+        if key is not None:
+            self._stage(key, slot)
 
     # -- index ----------------------------------------------------------------------------------------------
     def _stage(self, key: bytes, slot: int) -> None:
