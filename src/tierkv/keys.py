@@ -7,7 +7,7 @@ block *and* everything before it, so "how much of this prompt is cached" is a lo
 from __future__ import annotations
 
 import array
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import xxhash
@@ -52,14 +52,17 @@ def block_keys_reference(token_ids: Any, block_tokens: int = 16, salt: bytes = b
 
 
 def _chain(tokens: np.ndarray, block_tokens: int, root: bytes) -> list[bytes]:
+    return list(iter_chain(tokens, block_tokens, root))
+
+
+def iter_chain(tokens: np.ndarray, block_tokens: int, root: bytes) -> Iterator[bytes]:
+    """The chained keys of ``tokens`` (validated uint32) one at a time, so a walk can stop at its first miss."""
     data = tokens.astype("<u4", copy=False).tobytes()
     step = 4 * block_tokens
-    keys: list[bytes] = []
     parent = root
     for start in range(0, (len(tokens) // block_tokens) * step, step):
         parent = xxhash.xxh3_128_digest(parent + data[start:start + step])
-        keys.append(parent)
-    return keys
+        yield parent
 
 
 def _check_salt(salt: Any) -> bytes:

@@ -21,10 +21,8 @@ import abc
 import operator
 from typing import Any, Sequence
 
-import xxhash
-
 from . import ops
-from .keys import KEY_BYTES, _as_uint32, _check_block_tokens
+from .keys import KEY_BYTES, _as_uint32, _check_block_tokens, iter_chain
 
 __all__ = ["PrefixIndex", "ReferencePrefixIndex", "NativePrefixIndex", "make_prefix_index", "MAX_VALUE"]
 
@@ -120,15 +118,10 @@ class ReferencePrefixIndex(PrefixIndex):
 
     def longest_prefix_tokens(self, token_ids: Any, block_tokens: int, root: bytes) -> int:
         tokens = _as_uint32(token_ids)
-        block_tokens = _check_block_tokens(block_tokens)
-        parent = _check_root(root)
-        data = tokens.tobytes()
-        step = 4 * block_tokens
         present = self._map
         n = 0
-        for start in range(0, (len(tokens) // block_tokens) * step, step):
-            parent = xxhash.xxh3_128_digest(parent + data[start:start + step])
-            if parent not in present:
+        for key in iter_chain(tokens, _check_block_tokens(block_tokens), _check_root(root)):
+            if key not in present:
                 break
             n += 1
         return n
