@@ -9,14 +9,15 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from .policy import resolve_policy
+from .policy import POLICY_NAMES, resolve_policy
 
 __all__ = ["StoreConfig", "parse_bytes", "CODECS", "POLICIES", "DISK_BACKENDS"]
 
 # What this version implements; anything else is an error, not a silent fallback.
 CODECS = ("none", "fp8", "int8")
-POLICIES = ("lru", "relevance")
+POLICIES = POLICY_NAMES
 DISK_BACKENDS = ("auto", "posix", "kvikio")
+_COUNTS = ("io_threads", "disk_admit_uses")  # positive ints; the byte sizes parse their own units
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4,
@@ -99,7 +100,7 @@ class StoreConfig:
             raise ValueError(f"expected host_codec and disk_codec to be the same lossy codec (or one of them 'none'), "
                              f"got {self.host_codec!r} and {self.disk_codec!r}: a block moving between them would "
                              "be quantized twice")
-        for name in ("io_threads", "disk_admit_uses"):
+        for name in _COUNTS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"expected {name} to be a positive int, got {value!r}")
@@ -116,7 +117,7 @@ class StoreConfig:
             raw = environ.get(f.metadata["env"])
             if raw is None or raw == "":
                 continue
-            if f.name in ("io_threads", "disk_admit_uses"):  # counts; byte sizes parse their own units
+            if f.name in _COUNTS:
                 try:
                     values[f.name] = int(raw)
                 except ValueError:

@@ -7,13 +7,14 @@ from .base import EvictionPolicy
 from .lru import LRUPolicy
 from .relevance import RelevancePolicy
 
-__all__ = ["EvictionPolicy", "LRUPolicy", "RelevancePolicy", "make_policy", "resolve_policy"]
+__all__ = ["EvictionPolicy", "LRUPolicy", "RelevancePolicy", "make_policy", "resolve_policy", "POLICY_NAMES"]
 
 _POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "relevance": RelevancePolicy}
+POLICY_NAMES = tuple(_POLICIES)  # the built-in ones
 
 
 def resolve_policy(name: str) -> type[EvictionPolicy]:
-    """The policy class called ``name``: a built-in one ("lru"), or a dotted path to an ``EvictionPolicy``
+    """The policy class called ``name``: a built-in one (POLICY_NAMES), or a dotted path to an ``EvictionPolicy``
     subclass, ``"package.module:ClassName"`` or ``"package.module.ClassName"``, constructed with no arguments."""
     if name in _POLICIES:
         return _POLICIES[name]
