@@ -168,6 +168,21 @@ __device__ __forceinline__ Slab slab_of(const Geometry& g) {
 
 // ---- quantize -------------------------------------------------------------------------------------------------
 // fp8: one scale per head over the slab's T x D values. Scales stored [L, 2, H].
+// Quantizes the 8 values (VEC) or the one value at `off` of a slab with one inverse scale.
+template <int CODEC, typename E, bool VEC>
+__device__ __forceinline__ void quantize_unit(const typename E::T* src, uint8_t* vals, int off, float inv) {
+    if constexpr (VEC) {
+        float v[8];
+        uint8_t q[8];
+        load8<E>(src + off, v);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) q[i] = quantize_one<CODEC>(v[i], inv);
+        store_bytes8(vals + off, q);
+    } else {
+        vals[off] = quantize_one<CODEC>(E::to_float(src[off]), inv);
+    }
+}
+
 template <typename E, bool VEC>
 __device__ void quantize_fp8(const typename E::T* src, uint8_t* vals, uint8_t* scales, bool scales_aligned,
                              const Slab& s) {
@@ -197,16 +212,7 @@ __device__ void quantize_fp8(const typename E::T* src, uint8_t* vals, uint8_t* s
         for (int u = lane; u < units; u += 32) {
             const int t = u / row_vecs;
             const int off = (t * s.H + h) * s.D + (u - t * row_vecs) * (VEC ? 8 : 1);
-            if constexpr (VEC) {
-                float v[8];
-                uint8_t q[8];
-                load8<E>(src + off, v);
-#pragma unroll
-                for (int i = 0; i < 8; ++i) q[i] = quantize_one<kCodecFp8>(v[i], inv);
-                store_bytes8(vals + off, q);
-            } else {
-                vals[off] = quantize_one<kCodecFp8>(E::to_float(src[off]), inv);
-            }
+            quantize_unit<kCodecFp8, E, VEC>(src, vals, off, inv);
         }
     }
 }
@@ -296,16 +302,7 @@ __device__ void quantize_int8_v(const typename E::T* src, uint8_t* vals, uint8_t
 #pragma unroll 4
         for (int u = sl; u < row_units; u += width) {
             const int off = r * s.D + u * (VEC ? 8 : 1);
-            if constexpr (VEC) {
-                float v[8];
-                uint8_t q[8];
-                load8<E>(src + off, v);
-#pragma unroll
-                for (int i = 0; i < 8; ++i) q[i] = quantize_one<kCodecInt8>(v[i], inv);
-                store_bytes8(vals + off, q);
-            } else {
-                vals[off] = quantize_one<kCodecInt8>(E::to_float(src[off]), inv);
-            }
+            quantize_unit<kCodecInt8, E, VEC>(src, vals, off, inv);
         }
     }
 }
