@@ -102,6 +102,12 @@ def make_keys(n: int, seed: int = 0, layout: tierkv.KVLayout | None = None, salt
     return keys
 
 
+def settle(store: tierkv.BlockStore) -> None:
+    """Wait until the blocks the store is writing to disk in the background (write-behind) have landed, so that
+    disk counters and files show them. ``get`` never needs this: it waits for a block in flight by itself."""
+    store._manager.drain()
+
+
 def tier_stats(store: tierkv.BlockStore) -> dict[str, tierkv.TierStats]:
     return dict(store.stats().tiers)
 
@@ -233,11 +239,13 @@ def check_invariants(store: tierkv.BlockStore, expected: dict[bytes, torch.Tenso
 
     - per tier: used + free == capacity, used == copies in that tier, stats().used_blocks agrees;
     - no two copies share a (tier, slot); slots lie inside the tier;
-    - when idle every copy is "ready", and a key with a copy is ``in`` the store;
+    - when idle (write-behind drained first) every copy is "ready", and a key with a copy is ``in`` the store;
     - every copy of a key in tiers of one codec holds the same bytes; copies stored raw (codec "none") equal
       ``expected[key]`` where given, and encoded copies carry their codec's header.
     """
     manager = store._manager
+    if idle:
+        manager.drain()  # idle means no write-behind in flight either
     snap = manager.snapshot()
     stats = store.stats()
     tiers = {t.name: t for t in snap.tiers}

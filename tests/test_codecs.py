@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tierkv
-from conftest import check_invariants, make_keys, round_up, tiny_layout
+from conftest import check_invariants, make_keys, round_up, settle, tiny_layout
 from tierkv.codec import make_codec
 from tierkv.codec.format import HEADER_NBYTES
 
@@ -343,6 +343,7 @@ def test_stats_count_the_encoded_bytes_each_tier_moves(tmp_path):
     with open_store(tmp_path, "disk-fp8", layout) as store:
         keys = make_keys(4, seed=9, layout=layout)
         store.put(keys, kv_data(4, layout, "normal"))   # host holds 2: two go to disk
+        settle(store)
         disk = store.stats().tiers["disk"]
         assert disk.bytes_written == 2 * encoded
         assert disk.used_bytes == 2 * round_up(encoded)

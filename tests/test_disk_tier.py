@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tierkv
-from conftest import (PAGE, assert_bit_equal, data_files, make_blocks, make_keys, make_tier_setup, round_up,
+from conftest import (PAGE, assert_bit_equal, data_files, make_blocks, make_keys, make_tier_setup, round_up, settle,
                       tiny_layout)
 
 
@@ -381,13 +381,19 @@ class Faults:
 def faults(monkeypatch):
     cls = _posix_file_class()
     state = Faults()
-    real_write, real_read = cls.pwrite, cls.pread
+    real_write, real_writev, real_read = cls.pwrite, cls.pwritev, cls.pread
 
     def pwrite(self, buf, offset):
         if state.write_errno is not None:
             state.writes_failed += 1
             raise OSError(state.write_errno, os.strerror(state.write_errno))
         return real_write(self, buf, offset)
+
+    def pwritev(self, bufs, offset):
+        if state.write_errno is not None:
+            state.writes_failed += 1
+            raise OSError(state.write_errno, os.strerror(state.write_errno))
+        return real_writev(self, bufs, offset)
 
     def pread(self, buf, offset):
         if state.read_errno is not None:
@@ -396,6 +402,7 @@ def faults(monkeypatch):
         return real_read(self, buf, offset)
 
     monkeypatch.setattr(cls, "pwrite", pwrite)
+    monkeypatch.setattr(cls, "pwritev", pwritev)
     monkeypatch.setattr(cls, "pread", pread)
     return state
 
@@ -409,6 +416,7 @@ def test_failed_disk_writes_are_misses_not_crashes(tmp_path, layout, faults, err
         faults.write_errno = err
         for i in range(6):  # the host tier holds 2: four blocks are demoted to the failing disk
             store.put(keys[i:i + 1], blocks[i:i + 1])
+        settle(store)
         assert faults.writes_failed > 0, "the disk tier was never written"
         assert store.stats().failed_writes > 0
         for i in range(6):

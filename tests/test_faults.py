@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tierkv
+from conftest import settle
 
 
 class FaultyFile:
@@ -22,6 +23,12 @@ class FaultyFile:
             self.fail_writes -= 1
             raise OSError(self.err, "injected write failure")
         self._inner.pwrite(buf, offset)
+
+    def pwritev(self, bufs, offset):  # one request: it fails (or not) as a whole, like pwrite
+        if self.fail_writes:
+            self.fail_writes -= 1
+            raise OSError(self.err, "injected write failure")
+        self._inner.pwritev(bufs, offset)
 
     def pread(self, buf, offset):
         if self.fail_reads:
@@ -64,8 +71,11 @@ def inject(store: tierkv.BlockStore, **faults) -> FaultyFile:
 def test_a_failed_disk_write_is_a_counted_miss_and_the_store_keeps_serving(tmp_path, err):
     k, b = keys(4), blocks(4)
     with tierkv.BlockStore(LAYOUT, disk_only(tmp_path)) as store:
-        inject(store, fail_writes=1, err=err)
+        # The four blocks go down in one request, and a failed request is retried slot by slot: failing the
+        # request and the first retry loses exactly one block.
+        inject(store, fail_writes=2, err=err)
         store.put(k, b)
+        settle(store)
         assert store.stats()["disk"].failed_writes == 1
         present = [i for i, key in enumerate(k) if key in store]
         assert len(present) == 3
@@ -84,8 +94,9 @@ def test_a_failed_demotion_to_disk_drops_the_block_but_nothing_else(tmp_path):
                                 disk_path=str(tmp_path / "disk"), disk_bytes=8 * 4096)
     k, b = keys(4), blocks(4)
     with tierkv.BlockStore(LAYOUT, config) as store:
-        inject(store, fail_writes=1)
-        store.put(k, b)  # 2 fit in host; demoting the first two to disk: one write fails
+        inject(store, fail_writes=2)
+        store.put(k, b)  # 2 fit in host; the first two go down in one request: it fails, then one retry fails
+        settle(store)
         stats = store.stats()
         assert stats["disk"].failed_writes == 1 and stats.dropped == 1
         assert sum(key in store for key in k) == 3
@@ -114,6 +125,7 @@ def test_a_corrupt_block_in_a_multi_block_get_raises_and_keeps_the_good_ones(tmp
     k, b = keys(3), blocks(3)
     with tierkv.BlockStore(LAYOUT, disk_only(tmp_path)) as store:
         store.put(k, b)
+        settle(store)
         disk = store._manager.tiers[-1]
         slot = store._manager._entries[k[1]].copies[0].slot
         disk._checksums[slot] ^= 1  # the stored bytes no longer match what was written

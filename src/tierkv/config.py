@@ -18,6 +18,7 @@ CODECS = ("none", "fp8", "int8")
 POLICIES = POLICY_NAMES
 DISK_BACKENDS = ("auto", "posix", "kvikio")
 _COUNTS = ("io_threads", "disk_admit_uses")  # positive ints; the byte sizes parse their own units
+_SIZES = ("device_bytes", "host_bytes", "disk_bytes", "writeback_bytes")
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4,
@@ -75,8 +76,13 @@ class StoreConfig:
                                   "or returned by get) at least this many times; others fall off instead, sparing "
                                   "SSD wear on one-off prompts. flush() and close() write every block regardless.")
 
+    writeback_bytes: int = _field(128 << 20, "TIERKV_WRITEBACK_BYTES",
+                                  "Memory (pinned with CUDA) staging blocks on their way to the disk tier, so a put "
+                                  "or get that pushes blocks out of a full memory tier never waits for the SSD; when "
+                                  "the disk falls this far behind, the next demotion waits. 0 writes synchronously.")
+
     def __post_init__(self) -> None:
-        for name in ("device_bytes", "host_bytes", "disk_bytes"):
+        for name in _SIZES:
             value = parse_bytes(getattr(self, name), name)
             if value < 0:
                 raise ValueError(f"expected {name} >= 0, got {value}")

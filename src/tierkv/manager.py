@@ -13,9 +13,15 @@ A block (``Entry``) may have one copy per tier. Each copy is in one state:
 The manager lock guards all bookkeeping; byte movement (memcpy, disk I/O) runs outside it. Nobody ever
 waits while holding a slot somebody else needs: eviction takes only unpinned ready copies and falls through
 to the next tier when it cannot, so readers waiting for a ``writing`` copy always see it finish.
+
+Writes into the disk tier are write-behind (``tierkv.writeback``): the bytes are staged in memory and the caller
+moves on, so a put that pushes blocks out of a full memory tier does not wait for the SSD; the disk copy stays
+``writing`` until its write lands. Device<->host copies run on per-thread CUDA copy streams
+(``tierkv.transfer``), never the default stream.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -33,14 +39,18 @@ from .policy import make_policy
 from .prefix_index import make_prefix_index
 from .stats import LatencyHistogram, StoreStats, TierCounters, TierStats
 from .tiers.base import CorruptBlock, Tier
+from .transfer import CopyStreams
+from .writeback import StagedBatch, WriteBehind
 
 __all__ = ["TierManager", "Snapshot", "TierSnapshot"]
 
 log = logging.getLogger("tierkv")
 
 READY, WRITING, EVICTING = "ready", "writing", "evicting"
-# Largest single read of consecutive disk slots: a few MiB is what NVMe needs to reach full speed.
-READ_RUN_NBYTES = 4 << 20
+# Largest single read or write of consecutive disk slots: a few MiB is what NVMe needs to reach full speed
+# (and at most IOV_MAX = 1024 buffers for one vectored write).
+READ_RUN_NBYTES = WRITE_RUN_NBYTES = 4 << 20
+_WRITE_RUN_MAX_BUFFERS = 1024
 _WAIT_SLICE_S = 1.0  # readers re-check in-flight copies at least this often
 
 
@@ -84,6 +94,7 @@ class Move:
     data_codec: Codec | None = None
     source: Copy | None = None
     dest: Copy | None = None
+    ready: "torch.cuda.Event | None" = None  # CUDA ``data``: the caller's work that produces it
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,7 @@ class _Totals:
     dropped: int = 0
     deletes: int = 0
     orphaned: int = 0
+    prefetched: int = 0
 
 
 class TierManager:
@@ -120,13 +132,23 @@ class TierManager:
     each tier stores blocks as its codec says, and blocks are converted as they cross between codecs.
     """
 
-    def __init__(self, tiers: Sequence[Tier], policy: str, io_threads: int, disk_admit_uses: int = 1) -> None:
+    def __init__(self, tiers: Sequence[Tier], policy: str, io_threads: int, disk_admit_uses: int = 1,
+                 writeback_bytes: int = 0) -> None:
         assert tiers, "a tier manager needs at least one tier"
         self.tiers = list(tiers)
         layout = self.tiers[0].codec.layout
         assert all(t.codec.layout == layout for t in self.tiers), "tiers disagree on the block layout"
         self._raw = NoneCodec(layout)  # what callers pass to put and get back from get
         self._scratch = ScratchBuffers()
+        self._prefetch_scratch = ScratchBuffers()  # prefetch's rows; _scratch serves the reads that fill them
+        gpu = next((t.device for t in self.tiers if t.device.type == "cuda"), torch.device("cpu"))
+        self._streams = CopyStreams(gpu)
+        # Write-behind for tiers behind I/O (the disk), at most writeback_bytes staged, never more than it holds.
+        self._writeback = {t: WriteBehind(tier.slot_nbytes, min(writeback_bytes // tier.slot_nbytes,
+                                                                tier.capacity_slots),
+                                          name=f"tierkv-writeback-{tier.name}")
+                           for t, tier in enumerate(self.tiers)
+                           if not tier.addressable and writeback_bytes >= tier.slot_nbytes}
         self._policies = [make_policy(policy) for _ in self.tiers]
         # The keys of one put form a prefix chain (ARCHITECTURE.md); a prefix-aware policy wants it used.
         self._prefix_aware = bool(getattr(self._policies[0], "prefix_aware", False))
@@ -139,8 +161,9 @@ class TierManager:
         total_slots = sum(t.capacity_slots for t in self.tiers)
         self._ghost_limit = max(4096, total_slots)
         # Fixed set of histograms, made once: recording needs no lookup lock (see StoreStats.latency for names).
-        ops = ["lookup", "lookup_tokens", "put", "get.miss"] + [f"get.{t.name}" for t in self.tiers]
+        ops = ["lookup", "lookup_tokens", "put", "prefetch", "get.miss"] + [f"get.{t.name}" for t in self.tiers]
         ops += [f"demote.{t.name}" for t in self.tiers[1:]]
+        ops += [f"writeback.{self.tiers[t].name}" for t in self._writeback]
         self._latency = {op: LatencyHistogram() for op in ops}
         self._entries: dict[bytes, Entry] = {}
         # The keys of _entries again, in the native prefix index: lookups walk it without taking the manager
@@ -166,12 +189,13 @@ class TierManager:
                 self._policies[t].insert(key, entry.stamp)
 
     # -- public operations ----------------------------------------------------------------------------------
-    def put(self, keys: Sequence[bytes], data: torch.Tensor) -> int:
-        """Store blocks not already present; refresh the recency of those that are. Returns how many were new."""
+    def put(self, keys: Sequence[bytes], data: torch.Tensor, ready: "torch.cuda.Event | None" = None) -> int:
+        """Store blocks not already present; refresh the recency of those that are. Returns how many were new.
+        ``ready``: for CUDA ``data``, an event marking the caller's work that produces it."""
         with self._latency["put"].timing():
-            return self._put(keys, data)
+            return self._put(keys, data, ready)
 
-    def _put(self, keys: Sequence[bytes], data: torch.Tensor) -> int:
+    def _put(self, keys: Sequence[bytes], data: torch.Tensor, ready: "torch.cuda.Event | None") -> int:
         moves: list[Move] = []
         with self._lock:
             # Prefix-aware: the head of the chain is stamped last (most recent), so tails leave before heads.
@@ -184,7 +208,7 @@ class TierManager:
                     continue
                 entry = self._new_entry(key)
                 entry.placing = True
-                moves.append(Move(entry, data=data[i], data_codec=self._raw))
+                moves.append(Move(entry, data=data[i], data_codec=self._raw, ready=ready))
             self._totals.puts += len(moves)
             if self._prefix_aware:
                 self._link_chain(keys, {id(m.entry) for m in moves})
@@ -199,24 +223,63 @@ class TierManager:
             self._commit()
         return len(moves)
 
-    def get(self, keys: Sequence[bytes], out: torch.Tensor) -> None:
+    def get(self, keys: Sequence[bytes], out: torch.Tensor, ready: "torch.cuda.Event | None" = None) -> None:
         """Copy every block of ``keys`` into ``out[i]`` and promote lower-tier hits to the top tier.
 
-        Raises ``BlockNotFound`` for the first key that is missing or whose bytes fail their checksum;
-        ``out`` is then partly written.
+        ``ready``: for a CUDA ``out``, an event marking the caller's last use of it. Raises ``BlockNotFound``
+        for the first key that is missing or whose bytes fail their checksum; ``out`` is then partly written.
         """
         if not keys:
             return
         start = time.perf_counter()
         origin = "miss"
         try:
-            origin = self.tiers[self._get(keys, out)].name
+            origin = self.tiers[self._serve(self._pin_for_read(keys), out, ready, request=True)].name
         finally:
             self._latency[f"get.{origin}"].record(time.perf_counter() - start)
 
-    def _get(self, keys: Sequence[bytes], out: torch.Tensor) -> int:
-        """get(); returns the lowest tier (largest index) any block came from."""
-        pinned = self._pin_for_read(keys)
+    def prefetch(self, keys: Sequence[bytes]) -> int:
+        """Promote the blocks of ``keys`` held below the top tier to it, as ``get`` would, without returning them
+        or counting hits; missing keys are skipped. Returns how many of ``keys`` the top tier holds afterwards."""
+        with self._latency["prefetch"].timing():
+            pinned = self._pin_for_read(keys, missing_ok=True)
+            with self._lock:
+                # A prefetch announces a use: refresh recency now, so promoted blocks outrank what they displace
+                # (without counting a use, which admission reserves for real requests).
+                entries = [entry for entry, _ in pinned]
+                for entry in reversed(entries) if self._prefix_aware else entries:
+                    self._touch(entry, use=False)
+                for _, copy in pinned:
+                    if copy.tier == 0:
+                        self._unpin(copy)
+                before = self._in_top(keys)
+            lower = [(entry, copy) for entry, copy in pinned if copy.tier > 0]
+            if lower:
+                nbytes = self._raw.nbytes
+                rows = self._prefetch_scratch.get(len(lower) * nbytes).view(len(lower), nbytes)
+                self._serve(lower, rows, None, request=False)
+            with self._lock:
+                after = self._in_top(keys)
+                self._totals.prefetched += max(0, after - before)
+            return after
+
+    def _in_top(self, keys: Sequence[bytes]) -> int:
+        """How many of ``keys`` have a ready copy in the top tier (caller holds the lock)."""
+        count = 0
+        for key in set(keys):
+            entry = self._entries.get(key)
+            copy = entry.copies.get(0) if entry is not None else None
+            count += copy is not None and copy.state == READY
+        return count
+
+    def _serve(self, pinned: list[tuple[Entry, Copy]], out: torch.Tensor, ready: "torch.cuda.Event | None",
+               request: bool) -> int:
+        """Load pinned copies into the rows of ``out``, unpin them and promote lower-tier ones to the top tier;
+        returns the lowest tier (largest index) any came from.
+
+        ``request``: a get: count hits and misses, refresh recency, and raise ``BlockNotFound`` for the first
+        copy that could not be read. Otherwise (prefetch) unreadable copies are only dropped and counted.
+        """
         # Encoded disk copies that the top tier stores the same way are promoted as read, never re-quantized.
         top = self.tiers[0].codec
         stash: list[torch.Tensor | None] = [None] * len(pinned)
@@ -228,32 +291,35 @@ class TierManager:
             rows = aligned_empty(len(keep) * slot_nbytes, pinned=True).view(len(keep), slot_nbytes)
             for row, i in zip(rows, keep):
                 stash[i] = row
-        errors = self._load_all(pinned, out, stash)
+        errors = self._load_all(pinned, out, stash, ready)
         failed: list[tuple[Entry, str]] = []
         with self._lock:
             used: list[Entry] = []
             for (entry, copy), error in zip(pinned, errors):
                 if error is None:
-                    self._count_hit(copy.tier)
+                    if request:
+                        self._count_hit(copy.tier)
                     used.append(entry)
                 else:
-                    failed.append((entry, self._read_failed(entry, copy, error)))
+                    failed.append((entry, self._read_failed(entry, copy, error, request)))
                 self._unpin(copy)
-            for entry in reversed(used) if self._prefix_aware else used:  # a prefix is at least as recent
-                self._touch(entry)
+            if request:
+                for entry in reversed(used) if self._prefix_aware else used:  # a prefix is at least as recent
+                    self._touch(entry)
             self._changed.notify_all()
         self._raise_unexpected(errors)
-        if failed:
+        if failed and request:
             self._commit()
             entry, reason = failed[0]
             raise BlockNotFound(entry.key, reason)
         promotions = [Move(entry, data=out[i], data_codec=self._raw) if stash[i] is None
                       else Move(entry, data=stash[i], data_codec=self.tiers[copy.tier].codec)
-                      for i, (entry, copy) in enumerate(pinned) if copy.tier > 0 and entry.alive]
+                      for i, (entry, copy) in enumerate(pinned)
+                      if copy.tier > 0 and entry.alive and errors[i] is None]
         if promotions:
             self._promote(promotions)
         self._commit()
-        return max(copy.tier for _, copy in pinned)
+        return max((copy.tier for _, copy in pinned), default=0)
 
     def lookup(self, keys: Sequence[bytes]) -> int:
         with self._latency["lookup"].timing():
@@ -312,16 +378,26 @@ class TierManager:
                     for move in moves:
                         self._unpin(move.source)
                     self._changed.notify_all()
+        self.drain()  # what this flush and earlier demotions staged, written before the durable commit
         self._commit(durable=True)
+
+    def drain(self) -> None:
+        """Wait until every write-behind batch begun before this call has reached its tier (or failed, counted)."""
+        for behind in self._writeback.values():
+            behind.drain()
 
     def close(self) -> None:
         try:
             self.flush()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-            for tier in self.tiers:
-                tier.close()
+            try:
+                for behind in self._writeback.values():
+                    behind.close()
+            finally:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                for tier in self.tiers:
+                    tier.close()
 
     # -- introspection --------------------------------------------------------------------------------------
     def stats(self) -> StoreStats:
@@ -338,6 +414,8 @@ class TierManager:
             t = self._totals
             return StoreStats(tiers=tiers, puts=t.puts, gets=t.gets, hits=t.hits, misses=t.misses,
                               dropped=t.dropped, deletes=t.deletes, orphaned=t.orphaned, blocks=len(self._entries),
+                              prefetched=t.prefetched,
+                              pending_writes=sum(b.pending for b in self._writeback.values()),
                               latency={op: h.snapshot() for op, h in self._latency.items()})
 
     def snapshot(self) -> Snapshot:
@@ -349,29 +427,35 @@ class TierManager:
             return Snapshot(tiers, copies)
 
     def read_copy(self, key: bytes, tier_name: str) -> torch.Tensor:
-        """The raw bytes of ``key``'s copy in one tier (tests and debugging)."""
+        """The stored bytes of ``key``'s copy in one tier, once it is complete (tests and debugging)."""
         with self._lock:
             t = next(i for i, tier in enumerate(self.tiers) if tier.name == tier_name)
-            copy = self._entries[key].copies[t]
+            while (copy := self._entries[key].copies[t]).state == WRITING:
+                self._changed.wait(_WAIT_SLICE_S)
             copy.pins += 1
         try:
             out = torch.empty(self.tiers[t].payload_nbytes, dtype=torch.uint8)
-            self.tiers[t].read(copy.slot, out)
+            with self._streams.copying(to_device=False):
+                self.tiers[t].read(copy.slot, out)
             return out
         finally:
             with self._lock:
                 self._unpin(copy)
 
     # -- reading --------------------------------------------------------------------------------------------
-    def _pin_for_read(self, keys: Sequence[bytes]) -> list[tuple[Entry, Copy]]:
-        """Pin the fastest ready copy of every key, waiting for copies in flight. Raises BlockNotFound."""
+    def _pin_for_read(self, keys: Sequence[bytes], missing_ok: bool = False) -> list[tuple[Entry, Copy]]:
+        """Pin the fastest ready copy of every key, waiting for copies in flight. Raises BlockNotFound (counted
+        as a get's miss) unless ``missing_ok``, which skips missing keys and counts nothing."""
         pinned: list[tuple[Entry, Copy]] = []
         with self._lock:
-            self._totals.gets += len(keys)
+            if not missing_ok:
+                self._totals.gets += len(keys)
             try:
                 for key in keys:
                     while True:
                         entry = self._entries.get(key)
+                        if entry is None and missing_ok:
+                            break
                         if entry is None:
                             self._count_miss()
                             raise BlockNotFound(key)
@@ -389,8 +473,8 @@ class TierManager:
                 raise
         return pinned
 
-    def _load_all(self, pinned: list[tuple[Entry, Copy]], out: torch.Tensor,
-                  stash: list[torch.Tensor | None]) -> list[BaseException | None]:
+    def _load_all(self, pinned: list[tuple[Entry, Copy]], out: torch.Tensor, stash: list[torch.Tensor | None],
+                  ready: "torch.cuda.Event | None" = None) -> list[BaseException | None]:
         """Load every pinned copy into its row of ``out`` (see _load); per copy, None or why it failed.
 
         Copies in consecutive slots of a disk tier, asked for in order (a prompt put in one batch), are read
@@ -418,7 +502,8 @@ class TierManager:
                 errors[i] = error
 
         failures = self._run([(lambda run=run: load_run(run)) for run in runs],
-                             parallel=any(not self.tiers[c.tier].addressable for _, c in pinned))
+                             parallel=any(not self.tiers[c.tier].addressable for _, c in pinned),
+                             to_device=out.device.type == "cuda", after=[ready])
         for run, failure in zip(runs, failures):
             if failure is not None:
                 for i in run:
@@ -460,8 +545,9 @@ class TierManager:
             tier.read(copy.slot, buf)
             transcode(buf[:tier.payload_nbytes], tier.codec, out, self._raw)
 
-    def _read_failed(self, entry: Entry, copy: Copy, error: BaseException) -> str:
-        """Drop a copy that could not be read back (never return its bytes); returns the reason."""
+    def _read_failed(self, entry: Entry, copy: Copy, error: BaseException, request: bool = True) -> str:
+        """Drop a copy that could not be read back (never return its bytes), counted as a miss of the get
+        (``request``) that asked for it; returns the reason."""
         tier = self.tiers[copy.tier]
         counters = self._counters[copy.tier]
         if isinstance(error, CorruptBlock):
@@ -474,7 +560,8 @@ class TierManager:
             reason = f"reading its {tier.name} copy failed ({error}); the copy was dropped"
             self._report("read-error", f"{tier.name} tier: reading block {entry.key.hex()} failed: {error}; "
                          "dropped and reported as a miss. Check the device and the kernel log.")
-        self._count_miss()
+        if request:
+            self._count_miss()
         if entry.copies.get(copy.tier) is copy:
             self._detach(entry, copy, free_slot=True)
         self._drop_if_empty(entry, evicted=False)  # a lost block, not one pushed out for room
@@ -535,25 +622,16 @@ class TierManager:
                         self._ghosts.popitem(last=False)
                     candidates = [m for m in candidates if m.entry.uses >= self._admit_uses]
             candidates.sort(key=lambda m: m.entry.stamp, reverse=True)  # the most recent get room first
-            free = min(tier.free_slots, len(candidates))
-            for move in candidates[:free]:
-                slot = tier.allocate()
-                assert slot is not None, f"{tier.name} tier reported a free slot it did not have"
-                move.dest = move.entry.copies[t] = Copy(t, slot, WRITING)
-                writes.append(move)
-            overflow = candidates[free:]
-            while overflow:
-                # Displace a block only when it is worth less than the one that needs the room; a block
-                # coming down that is older than everything here falls further instead.
-                victim = self._choose_victim(t, overflow[0].entry.stamp, spare)
-                if victim is None:
-                    break
-                move = overflow.pop(0)
-                entry, copy = victim
-                copy.state = EVICTING
-                handovers.append(victim)
-                move.dest = move.entry.copies[t] = Copy(t, copy.slot, WRITING)
-                writes.append(move)
+            overflow = self._claim_slots(t, candidates, writes, handovers, spare)
+        behind = self._writeback.get(t)
+        if overflow and behind is not None and behind.pending:
+            # Copies still on their way to this tier can be neither read nor evicted yet; a tier full of them
+            # would push out the newcomers instead. Let them land (the one case where a caller waits for the
+            # disk: it has fallen a whole tier behind), then choose again.
+            behind.drain()
+            with self._lock:
+                overflow = [m for m in overflow if m.entry.alive and t not in m.entry.copies]
+                overflow = self._claim_slots(t, overflow, writes, handovers, spare)
         try:
             try:
                 if handovers and t + 1 < len(self.tiers):  # victims' bytes leave their slots before new ones land
@@ -571,16 +649,103 @@ class TierManager:
         finally:
             self._write(t, writes)  # even after a failure below, no copy may stay "writing" forever
 
-    def _write(self, t: int, writes: list[Move]) -> None:
+    def _claim_slots(self, t: int, candidates: list[Move], writes: list[Move],
+                     handovers: list[tuple[Entry, Copy]], spare: Callable[[bytes], bool] | None) -> list[Move]:
+        """Give ``candidates`` (most recent first) ``writing`` copies in tier ``t``: free slots first, then the
+        slots of policy victims (marked ``evicting``, appended to ``handovers``). Claimed moves are appended to
+        ``writes``; returns the rest (caller holds the lock)."""
         tier = self.tiers[t]
-        tasks: list[Callable[[], None]] = []
-        for move in writes:
-            if move.data is not None:
-                src, codec = move.data, move.data_codec
-            else:
-                src, codec = self.tiers[move.source.tier].view(move.source.slot), self.tiers[move.source.tier].codec
-            tasks.append(lambda slot=move.dest.slot, src=src, codec=codec: self._store(tier, slot, src, codec))
-        errors = self._run(tasks, parallel=not tier.addressable)
+        free = min(tier.free_slots, len(candidates))
+        for move in candidates[:free]:
+            slot = tier.allocate()
+            assert slot is not None, f"{tier.name} tier reported a free slot it did not have"
+            move.dest = move.entry.copies[t] = Copy(t, slot, WRITING)
+            writes.append(move)
+        overflow = candidates[free:]
+        while overflow:
+            # Displace a block only when it is worth less than the one that needs the room; a block
+            # coming down that is older than everything here falls further instead.
+            victim = self._choose_victim(t, overflow[0].entry.stamp, spare)
+            if victim is None:
+                break
+            move = overflow.pop(0)
+            entry, copy = victim
+            copy.state = EVICTING
+            handovers.append(victim)
+            move.dest = move.entry.copies[t] = Copy(t, copy.slot, WRITING)
+            writes.append(move)
+        return overflow
+
+    def _write(self, t: int, writes: list[Move]) -> None:
+        """Fill the ``writing`` copies of ``writes`` in tier ``t``: each becomes ready, or is dropped and counted
+        when its write fails. Into a tier with write-behind the bytes are only staged here (the sources may be
+        handed on as soon as this returns) and written in the background."""
+        if not writes:
+            return
+        behind = self._writeback.get(t)
+        if behind is not None:
+            for start in range(0, len(writes), behind.capacity_slots):
+                self._write_behind(t, writes[start:start + behind.capacity_slots], behind)
+            return
+        tier = self.tiers[t]
+        tasks = [lambda move=move: self._store(tier, move.dest.slot, *self._source(move)) for move in writes]
+        errors = self._run(tasks, parallel=not tier.addressable, to_device=tier.device.type == "cuda",
+                           after=[move.ready for move in writes])
+        self._finish_writes(t, writes, errors)
+
+    def _source(self, move: Move) -> tuple[torch.Tensor, Codec]:
+        """The bytes a move carries and how they are encoded."""
+        if move.data is not None:
+            return move.data, move.data_codec
+        tier = self.tiers[move.source.tier]
+        return tier.view(move.source.slot), tier.codec
+
+    def _write_behind(self, t: int, writes: list[Move], behind: WriteBehind) -> None:
+        """Stage ``writes`` (encoded as tier ``t`` stores them) in write-behind buffers and queue their I/O."""
+        tier = self.tiers[t]
+        batch = behind.begin(len(writes))  # waits while the disk is writeback_bytes behind
+        interrupted = OSError(errno.ECANCELED, "staging for write-behind was interrupted")
+        staged: list[BaseException | None] = [interrupted] * len(writes)
+        try:
+            staged = self._run([lambda move=move, buf=buf: transcode(*self._source(move), buf[:tier.payload_nbytes],
+                                                                     tier.codec)
+                                for move, buf in zip(writes, batch.bufs)],
+                               parallel=False, to_device=False, after=[move.ready for move in writes])
+        finally:
+            behind.submit(batch, lambda: self._write_staged(t, writes, batch, staged))
+
+    def _write_staged(self, t: int, writes: list[Move], batch: StagedBatch,
+                      staged: list[BaseException | None]) -> None:
+        """Write-behind job: staged blocks into their slots, consecutive slots in one request each."""
+        tier = self.tiers[t]
+        errors = list(staged)
+        with self._latency[f"writeback.{tier.name}"].timing():
+            runs: list[list[int]] = []
+            for i in sorted((i for i, e in enumerate(errors) if e is None), key=lambda i: writes[i].dest.slot):
+                run = runs[-1] if runs else None
+                if (run is not None and writes[run[-1]].dest.slot + 1 == writes[i].dest.slot
+                        and (len(run) + 1) * tier.slot_nbytes <= WRITE_RUN_NBYTES
+                        and len(run) < _WRITE_RUN_MAX_BUFFERS):
+                    run.append(i)
+                else:
+                    runs.append([i])
+
+            def write_run(run: list[int]) -> None:
+                results = tier.write_run(writes[run[0]].dest.slot, [batch.bufs[i] for i in run])
+                for i, result in zip(run, results):
+                    errors[i] = result
+
+            failures = self._run([lambda run=run: write_run(run) for run in runs], parallel=True)
+            for run, failure in zip(runs, failures):
+                if failure is not None:
+                    for i in run:
+                        errors[i] = failure
+            self._finish_writes(t, writes, errors)
+        self._commit()
+
+    def _finish_writes(self, t: int, writes: list[Move], errors: list[BaseException | None]) -> None:
+        """Bookkeeping once the bytes of ``writes`` have landed in tier ``t`` (or failed to)."""
+        tier = self.tiers[t]
         with self._lock:
             for move, error in zip(writes, errors):
                 entry, copy = move.entry, move.dest
@@ -600,6 +765,8 @@ class TierManager:
                                  f"{tier.name} tier: writing block {entry.key.hex()} failed: {error}; that copy is "
                                  "dropped (a miss, not an error). Check free space and the device.")
                     self._detach(entry, copy, free_slot=True)
+                    # A write-behind copy may have been the block's last one: its source left when it was staged.
+                    self._drop_if_empty(entry)
             self._changed.notify_all()
         self._raise_unexpected(errors)
 
@@ -654,8 +821,9 @@ class TierManager:
         self._clock += 1
         return self._clock
 
-    def _touch(self, entry: Entry) -> None:
-        entry.uses += 1
+    def _touch(self, entry: Entry, use: bool = True) -> None:
+        """Make ``entry`` the most recent block; ``use`` counts a use for the admission rule."""
+        entry.uses += use
         entry.stamp = self._tick()
         for t, copy in entry.copies.items():
             if copy.state == READY:
@@ -753,8 +921,13 @@ class TierManager:
             log.warning(message + " (further ones are counted in stats() and logged at DEBUG)")
 
     # -- execution ------------------------------------------------------------------------------------------
-    def _run(self, tasks: list[Callable[[], None]], parallel: bool) -> list[BaseException | None]:
-        """Run byte-moving tasks (on the I/O pool when ``parallel``); returns each one's exception or None."""
+    def _run(self, tasks: list[Callable[[], None]], parallel: bool, to_device: bool = False,
+             after: Sequence["torch.cuda.Event | None"] = ()) -> list[BaseException | None]:
+        """Run byte-moving tasks (on the I/O pool when ``parallel``); returns each one's exception or None.
+
+        On CUDA the copies run on the running thread's copy stream toward (``to_device``) or away from the
+        device, after the events in ``after``, and have completed when this returns (see tierkv.transfer).
+        """
         def attempt(task: Callable[[], None]) -> BaseException | None:
             try:
                 task()
@@ -763,8 +936,13 @@ class TierManager:
                 return exc
 
         if parallel and self._pool is not None and len(tasks) > 1:
-            return list(self._pool.map(attempt, tasks))
-        return [attempt(task) for task in tasks]
+            def on_stream(task: Callable[[], None]) -> BaseException | None:
+                with self._streams.copying(to_device, after):
+                    return attempt(task)
+
+            return list(self._pool.map(on_stream, tasks))
+        with self._streams.copying(to_device, after):  # one wait for the whole batch
+            return [attempt(task) for task in tasks]
 
     @staticmethod
     def _raise_unexpected(errors: list[BaseException | None]) -> None:

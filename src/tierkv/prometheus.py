@@ -10,9 +10,10 @@ per tier, with label ``tier``: ``tier_hits_total``, ``tier_misses_total``, ``tie
 ``tier_failed_writes_total``, ``tier_failed_reads_total``, ``tier_not_admitted_total``, gauges
 ``tier_used_blocks``, ``tier_capacity_blocks``, ``tier_used_bytes``, ``tier_capacity_bytes``, ``tier_hit_rate``;
 store-wide ``puts_total``, ``gets_total``, ``hits_total``, ``misses_total``, ``dropped_total``,
-``deletes_total``, gauge ``blocks``; and the histogram ``latency_seconds`` with labels ``op`` (lookup,
-lookup_tokens, put, get, demote) and ``tier`` (get: the tier the blocks came from, or "miss"; demote: the tier
-blocks went to; empty otherwise). See docs/metrics.md.
+``deletes_total``, ``orphaned_total``, ``prefetched_total``, gauges ``blocks`` and ``pending_writes``; and the
+histogram ``latency_seconds`` with labels ``op`` (lookup, lookup_tokens, put, prefetch, get, demote, writeback)
+and ``tier`` (get: the tier the blocks came from, or "miss"; demote and writeback: the tier blocks went to; empty
+otherwise). See docs/metrics.md.
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ _TIER_GAUGES = [("used_blocks", "blocks stored in this tier"), ("capacity_blocks
                 ("hit_rate", "hits / (hits + misses) of this tier")]
 _STORE_COUNTERS = [("puts", "blocks newly stored by put()"), ("gets", "blocks asked of get()"),
                    ("hits", "blocks get() returned"), ("misses", "blocks get() could not return"),
-                   ("dropped", "blocks that fell off the last tier"), ("deletes", "blocks removed by delete()")]
+                   ("dropped", "blocks that fell off the last tier"), ("deletes", "blocks removed by delete()"),
+                   ("orphaned", "blocks freed because their prefix fell off the last tier"),
+                   ("prefetched", "blocks prefetch() brought up into the top tier")]
 
 
 class StoreCollector:
@@ -75,6 +78,8 @@ class StoreCollector:
         for name, doc in _STORE_COUNTERS:
             yield CounterMetricFamily(f"{p}_{name}", doc, value=getattr(stats, name))
         yield GaugeMetricFamily(f"{p}_blocks", "distinct blocks stored now", value=stats.blocks)
+        yield GaugeMetricFamily(f"{p}_pending_writes", "blocks staged for the disk tier, not yet written",
+                                value=stats.pending_writes)
         latency = HistogramMetricFamily(f"{p}_latency_seconds", "latency of store operations",
                                         labels=["op", "tier"])
         for key, summary in stats.latency.items():

@@ -148,9 +148,12 @@ class StoreStats:
     deletes: int = 0      # blocks removed by delete()
     orphaned: int = 0     # blocks freed because their prefix fell off the last tier (prefix-aware policies)
     blocks: int = 0       # distinct blocks stored now (a block may have copies in several tiers)
-    # Latency per operation: "lookup", "lookup_tokens", "put", "get.<tier>" (a get call, by the lowest tier any
-    # of its blocks came from; "get.miss" when it raised BlockNotFound) and "demote.<tier>" (one batch of blocks
-    # pushed down into that tier to make room above).
+    prefetched: int = 0   # blocks prefetch() brought up into the top tier
+    pending_writes: int = 0  # blocks staged for the disk tier whose write-behind has not landed yet
+    # Latency per operation: "lookup", "lookup_tokens", "put", "prefetch", "get.<tier>" (a get call, by the
+    # lowest tier any of its blocks came from; "get.miss" when it raised BlockNotFound), "demote.<tier>" (one
+    # batch of blocks pushed down into that tier to make room above, as long as the caller waits for it) and
+    # "writeback.<tier>" (one write-behind batch reaching that tier, in the background).
     latency: dict[str, LatencyStats] = field(default_factory=dict)
 
     def __getitem__(self, tier: str) -> TierStats:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -16,8 +17,11 @@ from .layout import KVLayout
 from .manager import TierManager
 from .stats import StoreStats
 from .tiers import DiskTier, MemoryTier, Tier
+from .transfer import producer_event
 
 __all__ = ["BlockStore"]
+
+T = TypeVar("T")
 
 
 class BlockStore:
@@ -30,6 +34,11 @@ class BlockStore:
     Blocks go to the top tier on ``put``; when a tier is full its least recently used blocks move one tier
     down, and off the last one. ``get`` promotes lower-tier hits to the top. All methods are thread-safe.
     Use as a context manager, or call ``close()``, which also writes resident blocks to the disk tier.
+
+    ``put_async``, ``get_async`` and ``prefetch`` return ``concurrent.futures.Future`` s and run on two
+    background lanes, one for saves and one for loads, each in submission order; a load of a key waits for
+    earlier ``put_async`` s of that key (read your writes). Disk writes are write-behind (``writeback_bytes``):
+    pushing blocks out of a full memory tier never waits for the SSD.
 
     Raises ``ValueError`` for a nonzero tier capacity smaller than one block, or an unusable ``disk_path``;
     ``tierkv.LayoutMismatch`` when ``disk_path`` holds blocks of another layout; ``tierkv.StoreInUse`` when
@@ -47,11 +56,16 @@ class BlockStore:
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if config.device_bytes and torch.cuda.is_available() else torch.device("cpu"))
         self._manager = TierManager(self._open_tiers(), config.policy, config.io_threads,
-                                    disk_admit_uses=config.disk_admit_uses)
+                                    disk_admit_uses=config.disk_admit_uses, writeback_bytes=config.writeback_bytes)
         self._lossy = any(t.codec.lossy for t in self._manager.tiers)
         self._state = threading.Condition()
         self._active = 0
         self._closed = False
+        # Async lanes (one thread each, started on first use) and the put_async futures not yet done, by key.
+        self._lanes: dict[str, ThreadPoolExecutor] = {}
+        self._pending_puts: dict[bytes, Future] = {}
+        self._pending_lock = threading.RLock()  # a done callback may run inside submit, on this thread
+        self._prefetches: set[Future] = set()
 
     def _open_tiers(self) -> list[Tier]:
         c, layout = self.config, self.layout
@@ -105,7 +119,50 @@ class BlockStore:
         if self._lossy:
             check_finite(blocks)
         with self._operation():
-            return self._manager.put(keys, data)
+            return self._manager.put(keys, data, producer_event(data))
+
+    def put_async(self, keys: Sequence[bytes], blocks: torch.Tensor) -> "Future[int]":
+        """``put`` in the background: returns a future of the number of blocks newly stored.
+
+        Keys, shape and dtype are checked now (``TypeError``/``ValueError`` raised here, the store unchanged);
+        NaN or infinity in a store with a lossy codec fails the future with ``ValueError``. ``blocks`` must not
+        change until the future is done (CUDA: the copy starts after the work queued so far on the current
+        stream, without blocking this thread). Puts run one after another in submission order; ``get``,
+        ``get_async`` and ``prefetch`` of these keys wait for this put first. Raises ``StoreClosed`` after
+        ``close()``; ``close()`` waits for puts already submitted.
+        """
+        keys = self._check_keys(keys)
+        data = self._check_blocks(keys, blocks)
+        ready = producer_event(data)
+
+        def put() -> int:
+            if self._lossy:
+                if ready is not None:
+                    ready.synchronize()  # the check reads the blocks: wait (here, not in the caller) for their producer
+                check_finite(blocks)
+            return self._manager.put(keys, data, ready)
+
+        with self._pending_lock:
+            future = self._submit("save", put)
+            for key in keys:
+                self._pending_puts[key] = future
+            future.add_done_callback(lambda done: self._forget_put(keys, done))
+        return future
+
+    def _forget_put(self, keys: list[bytes], done: Future) -> None:
+        with self._pending_lock:
+            for key in keys:
+                if self._pending_puts.get(key) is done:
+                    del self._pending_puts[key]
+
+    def _await_puts(self, keys: Sequence[bytes]) -> None:
+        """Wait for the put_async of any of ``keys`` still running (read your writes); their failures are
+        theirs to report, through their own futures."""
+        with self._pending_lock:
+            if not self._pending_puts:
+                return
+            pending = {self._pending_puts[k] for k in keys if k in self._pending_puts}
+        wait(pending)
 
     def get(self, keys: Sequence[bytes], out: torch.Tensor | None = None) -> torch.Tensor:
         """The blocks of ``keys`` as ``[len(keys), *layout.block_shape]`` of ``layout.dtype``.
@@ -117,14 +174,53 @@ class BlockStore:
         stored, evicted, deleted, or whose stored bytes failed their checksum (counted in ``stats().corrupt``);
         ``out`` may then be partly written.
         """
+        keys, out = self._get_args(keys, out)
+        with self._operation():
+            return self._get_checked(keys, out, producer_event(out))
+
+    def get_async(self, keys: Sequence[bytes], out: torch.Tensor | None = None) -> "Future[torch.Tensor]":
+        """``get`` in the background: returns a future of the blocks (``out`` when given).
+
+        Arguments are checked now; a missing or corrupt block fails the future with ``tierkv.BlockNotFound``.
+        Loads run one after another in submission order, after any earlier ``put_async`` of these keys; CUDA:
+        the copies into ``out`` start after the work queued so far on the current stream. Raises
+        ``StoreClosed`` after ``close()``; ``close()`` waits for loads already submitted.
+        """
+        keys, out = self._get_args(keys, out)
+        ready = producer_event(out)
+        return self._submit("load", lambda: self._get_checked(keys, out, ready))
+
+    def prefetch(self, keys: Sequence[bytes]) -> "Future[int]":
+        """Bring the blocks of ``keys`` up to the top tier in the background, so that a later ``get`` is served
+        from there; keys not stored are skipped. Returns a future of how many of ``keys`` the top tier holds
+        once done. Prefetched blocks count as ``stats().prefetched``, not as hits: the ``get`` that follows
+        counts its hits where it finds them. Runs on the load lane, in order with ``get_async``; prefetches
+        still queued when the store closes are cancelled (they are hints).
+        """
+        keys = self._check_keys(keys)
+
+        def prefetch() -> int:
+            self._await_puts(keys)
+            return self._manager.prefetch(keys)
+
+        future = self._submit("load", prefetch)
+        with self._pending_lock:
+            self._prefetches.add(future)
+            future.add_done_callback(self._prefetches.discard)
+        return future
+
+    def _get_args(self, keys: Sequence[bytes], out: torch.Tensor | None) -> tuple[list[bytes], torch.Tensor]:
         keys = self._check_keys(keys)
         shape = (len(keys), *self.layout.block_shape)
         if out is None:
             out = self._empty(shape)
         else:
             self._check_out(out, shape)
-        with self._operation():
-            self._manager.get(keys, out.view(torch.uint8).view(len(keys), self.layout.block_nbytes))
+        return keys, out
+
+    def _get_checked(self, keys: list[bytes], out: torch.Tensor, ready: "torch.cuda.Event | None") -> torch.Tensor:
+        self._await_puts(keys)
+        self._manager.get(keys, out.view(torch.uint8).view(len(keys), self.layout.block_nbytes), ready)
         return out
 
     def lookup(self, keys: Sequence[bytes]) -> int:
@@ -187,9 +283,17 @@ class BlockStore:
             if self._closed:
                 return
             self._closed = True
-            while self._active:
+        with self._pending_lock:
+            for future in list(self._prefetches):
+                future.cancel()  # only those not started; a cancelled future leaves _active by its callback
+        with self._state:
+            while self._active:  # calls in progress and async work already submitted
                 self._state.wait()
-        self._manager.close()
+        try:
+            self._manager.close()
+        finally:
+            for lane in self._lanes.values():
+                lane.shutdown(wait=True)  # idle by now: joins the lane threads
 
     @property
     def closed(self) -> bool:
@@ -207,17 +311,39 @@ class BlockStore:
 
     @contextlib.contextmanager
     def _operation(self) -> Iterator[None]:
+        self._enter()
+        try:
+            yield
+        finally:
+            self._leave()
+
+    def _enter(self) -> None:
         with self._state:
             if self._closed:
                 raise StoreClosed("expected an open store, got one that was closed")
             self._active += 1
+
+    def _leave(self, *_: object) -> None:
+        with self._state:
+            self._active -= 1
+            if not self._active:
+                self._state.notify_all()
+
+    def _submit(self, lane: str, fn: Callable[[], T]) -> "Future[T]":
+        """Run ``fn`` on a background lane as an operation admitted now: ``close()`` waits for it (or for its
+        cancellation) before it releases anything."""
+        self._enter()
         try:
-            yield
-        finally:
             with self._state:
-                self._active -= 1
-                if not self._active:
-                    self._state.notify_all()
+                executor = self._lanes.get(lane)
+                if executor is None:
+                    executor = self._lanes[lane] = ThreadPoolExecutor(1, thread_name_prefix=f"tierkv-{lane}")
+            future = executor.submit(fn)
+        except BaseException:
+            self._leave()
+            raise
+        future.add_done_callback(self._leave)
+        return future
 
     # -- input checks -------------------------------------------------------------------------------------------
     @staticmethod

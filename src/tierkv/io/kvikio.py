@@ -36,6 +36,12 @@ class KvikioFile:
         if n != buf.numel():
             raise OSError(28, f"short write to {self.path} at offset {offset}: {n} of {buf.numel()} bytes")
 
+    def pwritev(self, bufs: list[torch.Tensor], offset: int) -> None:
+        # kvikio has no vectored write; its own thread pool splits each request, so one per buffer is fine.
+        for buf in bufs:
+            self.pwrite(buf, offset)
+            offset += buf.numel()
+
     def pread(self, buf: torch.Tensor, offset: int) -> None:
         future = self._file.pread(buf, buf.numel(), offset)
         n = future.get()

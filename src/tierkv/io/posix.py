@@ -72,6 +72,21 @@ class PosixFile:
                 raise OSError(errno.ENOSPC, f"short write to {self.path} at offset {offset + done}")
             done += n
 
+    def pwritev(self, bufs: list[torch.Tensor], offset: int) -> None:
+        """Write ``bufs`` back to back from ``offset`` in one request (each aligned host memory when ``direct``):
+        consecutive slots staged in separate buffers reach the device as one large I/O."""
+        views = [_buffer(b) for b in bufs]
+        while views:
+            n = os.pwritev(self._fd, views, offset)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, f"short write to {self.path} at offset {offset}")
+            offset += n
+            while views and n >= len(views[0]):  # drop what was written; resume inside a partly written view
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+
     def pread(self, buf: torch.Tensor, offset: int) -> None:
         """Fill all of ``buf`` from ``offset``; a short read (truncated file) is ``EIO``."""
         view = _buffer(buf)

@@ -66,6 +66,19 @@ class Tier(Protocol):
                 results.append(exc)
         return results
 
+    def write_run(self, first_slot: int, bufs: list[torch.Tensor]) -> list[BaseException | None]:
+        """Store ``bufs[j]`` (1-D uint8 host memory, at least ``slot_nbytes``, page-aligned) in slot
+        ``first_slot + j`` and say, per slot, None or the ``OSError`` that made it fail. The disk tier does it in
+        one request; this default writes slot by slot."""
+        results: list[BaseException | None] = []
+        for j, buf in enumerate(bufs):
+            try:
+                self.write(first_slot + j, buf)
+                results.append(None)
+            except OSError as exc:
+                results.append(exc)
+        return results
+
     def bind(self, key: bytes, slot: int) -> None:
         """``key``'s copy in ``slot`` is complete (persistent tiers record it)."""
 

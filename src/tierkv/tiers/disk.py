@@ -125,6 +125,22 @@ class DiskTier(SlottedTier):
         self._file.pwrite(buf, slot * self.slot_nbytes)
         self._checksums[slot] = digest
 
+    def write_run(self, first_slot: int, bufs: list[torch.Tensor]) -> list[BaseException | None]:
+        """Consecutive slots in one vectored request (the buffers need not be adjacent in memory). When the
+        request fails, the slots are written one by one, so one bad sector fails only its own block."""
+        if len(bufs) == 1:
+            return Tier.write_run(self, first_slot, bufs)
+        whole = [buf[:self.slot_nbytes] for buf in bufs]
+        assert all(b.numel() == self.slot_nbytes and b.data_ptr() % ALIGNMENT == 0 for b in whole), "write_run"
+        digests = [checksum(b[:self.payload_nbytes]) for b in whole]
+        try:
+            self._file.pwritev(whole, first_slot * self.slot_nbytes)
+        except OSError:
+            return Tier.write_run(self, first_slot, bufs)
+        for j, digest in enumerate(digests):
+            self._checksums[first_slot + j] = digest
+        return [None] * len(bufs)
+
     def read(self, slot: int, dst: torch.Tensor) -> None:
         buf = self._direct_buffer(dst)
         staged = buf is None

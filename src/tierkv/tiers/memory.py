@@ -43,11 +43,13 @@ class MemoryTier(SlottedTier):
     def view(self, slot: int) -> torch.Tensor:
         return self._slab[slot]
 
+    # non_blocking: on a GPU the copy is queued on the caller's copy stream, which the tier manager waits for
+    # once per batch (see tierkv.transfer); between CPU tensors it is an ordinary synchronous copy.
     def write(self, slot: int, src: torch.Tensor) -> None:
-        self._slab[slot].copy_(src[:self.payload_nbytes])
+        self._slab[slot].copy_(src[:self.payload_nbytes], non_blocking=True)
 
     def read(self, slot: int, dst: torch.Tensor) -> None:
-        dst[:self.payload_nbytes].copy_(self._slab[slot])
+        dst[:self.payload_nbytes].copy_(self._slab[slot], non_blocking=True)
 
     def bind(self, key: bytes, slot: int) -> None:
         pass  # volatile: nothing to record
