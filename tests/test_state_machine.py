@@ -147,6 +147,33 @@ class StoreModel(RuleBasedStateMachine):
         assert not any(k in self.store for k in chain)
         assert self.store.lookup(chain) == 0
 
+    @rule(put=st.tuples(prompt_index, start_index, chain_length), get=st.tuples(prompt_index, start_index, chain_length),
+          prefetch=st.tuples(prompt_index, start_index, chain_length))
+    def async_burst(self, put, get, prefetch):
+        """A put_async, a get_async and a prefetch in flight together (two lanes plus write-behind), then
+        settled: the put stored its chain, the get returned the stored bytes or a miss, nothing else changed."""
+        chains = [PROMPTS[p][s:s + n] for p, s, n in (put, get, prefetch)]
+        put_chain, get_chain, prefetch_chain = chains
+        blocks = [self.expected.get(k, self.make_block(k, 0)) for k in put_chain]
+        present = {k for k in ALL_KEYS if k in self.store}
+        known = present | set(put_chain)
+        futures = (self.store.put_async(put_chain, torch.stack(blocks)), self.store.get_async(get_chain),
+                   self.store.prefetch(prefetch_chain))
+        for k, b in zip(put_chain, blocks):
+            self.expected[k] = b
+            self.deleted.discard(k)
+        # New blocks: at least those absent before (nobody else stores them), at most the whole chain (the
+        # loads may push present ones out first).
+        assert len(set(put_chain) - present) <= futures[0].result(30) <= len(put_chain)
+        try:
+            out = futures[1].result(30)
+            for i, k in enumerate(get_chain):
+                self.assert_block(out[i], self.expected[k], f"async key {i}")
+        except tierkv.BlockNotFound as exc:
+            assert any(k.hex() in str(exc) for k in get_chain)
+        assert 0 <= futures[2].result(30) <= len(set(prefetch_chain))
+        assert {k for k in ALL_KEYS if k in self.store} <= known, "a block appeared that nobody put"
+
     @rule()
     def flush(self):
         before = self.present()
