@@ -105,7 +105,7 @@ def make_keys(n: int, seed: int = 0, layout: tierkv.KVLayout | None = None, salt
 def settle(store: tierkv.BlockStore) -> None:
     """Wait until the blocks the store is writing to disk in the background (write-behind) have landed, so that
     disk counters and files show them. ``get`` never needs this: it waits for a block in flight by itself."""
-    store._manager.drain()
+    store.drain()
 
 
 def tier_stats(store: tierkv.BlockStore) -> dict[str, tierkv.TierStats]:

@@ -141,3 +141,16 @@ def test_policy_trace_reports_both_policies_on_the_same_requests(report: dict) -
         assert run["hit_rate"] == run["cached_blocks"] / run["requested_blocks"]
         assert sum(t["hits"] for t in run["tiers"].values()) >= run["cached_blocks"]
     assert policy["gain_points"] == 100 * (policy["relevance"]["hit_rate"] - policy["lru"]["hit_rate"])
+
+
+def test_async_section_reports_put_latency_and_hidden_traffic(report: dict) -> None:
+    r = report["async"]
+    for mode in ("write_behind", "synchronous"):
+        for name in ("mean_put_s", "p50_put_s", "max_put_s", "total_s"):
+            assert _positive(r[mode][name]), (mode, name, r[mode][name])
+    for kind in ("device->host", "disk"):
+        for name in ("compute_s", "traffic_s", "both_s"):
+            assert _positive(r[kind][name]), (kind, name, r[kind][name])
+        assert 0.0 <= r[kind]["hidden_share"] <= 1.0
+        assert sum(r[kind]["bytes_moved"].values()) > 0
+    assert not [f for f in report["verify_failures"] if f.startswith("async")]

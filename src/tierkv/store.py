@@ -260,6 +260,13 @@ class BlockStore:
         with self._operation():
             self._manager.flush()
 
+    def drain(self) -> None:
+        """Wait until the blocks being written to the disk tier in the background (write-behind) have landed,
+        or failed (counted in ``stats()``). Unlike ``flush`` it copies nothing and forces nothing to stable
+        storage; ``get`` never needs it (a block in flight is waited for)."""
+        with self._operation():
+            self._manager.drain()
+
     def stats(self) -> StoreStats:
         """Per-tier and store-wide counters (see :class:`tierkv.StoreStats`)."""
         with self._operation():
