@@ -28,6 +28,7 @@ def test_a_scrape_reports_per_tier_counters_and_latency(tmp_path, layout):
         store.put(keys, blocks)       # two blocks pushed down to disk
         store.get(keys[:1])           # a disk hit (the oldest block)
         store.get(keys[3:])           # a host hit
+        store.drain()                 # the write-behind batch has been recorded
         stats = store.stats()
         m = scrape(registry)
         assert m[("tierkv_tier_hits_total", (("tier", "disk"),))] == stats["disk"].hits == 1
@@ -40,6 +41,13 @@ def test_a_scrape_reports_per_tier_counters_and_latency(tmp_path, layout):
         assert m[("tierkv_latency_seconds_bucket", tuple(sorted((*get_disk, ("le", "+Inf")))))] == 1
         assert m[("tierkv_latency_seconds_sum", get_disk)] == pytest.approx(stats.latency["get.disk"].total_s)
         assert m[("tierkv_latency_seconds_count", (("op", "demote"), ("tier", "disk")))] >= 1
+        assert m[("tierkv_latency_seconds_count", (("op", "writeback"), ("tier", "disk")))] >= 1
+        assert store.prefetch(keys[:2]).result(30) == 2  # keys[1] comes up from disk
+        store.drain()
+        m = scrape(registry)
+        assert m[("tierkv_prefetched_total", ())] == store.stats().prefetched == 1
+        assert m[("tierkv_pending_writes", ())] == store.stats().pending_writes == 0
+        assert m[("tierkv_latency_seconds_count", (("op", "prefetch"), ("tier", "")))] == 1
     assert scrape(registry) == {}, "a closed store exports nothing and does not break the scrape"
 
 

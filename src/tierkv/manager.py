@@ -593,12 +593,15 @@ class TierManager:
         for start in range(0, len(moves), chunk):
             self._place(t, moves[start:start + chunk])
 
-    def _place(self, t: int, moves: list[Move], spare: Callable[[bytes], bool] | None = None) -> None:
+    def _place(self, t: int, moves: list[Move], spare: Callable[[bytes], bool] | None = None,
+               demoted: bool = False) -> None:
         """Give each move a ready copy in tier ``t`` or, when it has no room, a lower tier (or nothing).
 
         Called without the lock. Room is made by demoting the policy's victims one tier down first; their slots
         pass straight to the moves that needed them. Keys for which ``spare`` is true are not evicted (from ``t``
-        or the tiers below).
+        or the tiers below). ``demoted``: the moves are blocks pushed out of a tier above, which a tier with
+        write-behind writes in the background; a put's own blocks and a flush's copies are written before this
+        returns (the caller waits for them anyway, and they go to disk straight from their own memory).
         """
         if not moves or t == len(self.tiers):
             return
@@ -636,7 +639,8 @@ class TierManager:
             try:
                 if handovers and t + 1 < len(self.tiers):  # victims' bytes leave their slots before new ones land
                     with self._latency[f"demote.{self.tiers[t + 1].name}"].timing():
-                        self._place(t + 1, [Move(victim, source=copy) for victim, copy in handovers], spare)
+                        self._place(t + 1, [Move(victim, source=copy) for victim, copy in handovers], spare,
+                                    demoted=True)
             finally:
                 if handovers:
                     with self._lock:
@@ -645,9 +649,9 @@ class TierManager:
                             self._counters[t].evictions += 1
                             self._drop_if_empty(victim)
                         self._changed.notify_all()
-            self._place(t + 1, overflow, spare)
+            self._place(t + 1, overflow, spare, demoted)
         finally:
-            self._write(t, writes)  # even after a failure below, no copy may stay "writing" forever
+            self._write(t, writes, demoted)  # even after a failure below, no copy may stay "writing" forever
 
     def _claim_slots(self, t: int, candidates: list[Move], writes: list[Move],
                      handovers: list[tuple[Entry, Copy]], spare: Callable[[bytes], bool] | None) -> list[Move]:
@@ -676,16 +680,18 @@ class TierManager:
             writes.append(move)
         return overflow
 
-    def _write(self, t: int, writes: list[Move]) -> None:
+    def _write(self, t: int, writes: list[Move], demoted: bool = False) -> None:
         """Fill the ``writing`` copies of ``writes`` in tier ``t``: each becomes ready, or is dropped and counted
-        when its write fails. Into a tier with write-behind the bytes are only staged here (the sources may be
-        handed on as soon as this returns) and written in the background."""
+        when its write fails. Blocks ``demoted`` into a tier with write-behind are only staged here (their
+        sources may be handed on as soon as this returns) and written in the background."""
         if not writes:
             return
-        behind = self._writeback.get(t)
+        behind = self._writeback.get(t) if demoted else None
         if behind is not None:
-            for start in range(0, len(writes), behind.capacity_slots):
-                self._write_behind(t, writes[start:start + behind.capacity_slots], behind)
+            # Jobs of a quarter of the arena: the next one is staged while the disk writes the last.
+            job = max(1, behind.capacity_slots // 4)
+            for start in range(0, len(writes), job):
+                self._write_behind(t, writes[start:start + job], behind)
             return
         tier = self.tiers[t]
         tasks = [lambda move=move: self._store(tier, move.dest.slot, *self._source(move)) for move in writes]
