@@ -703,3 +703,16 @@ def test_latency_quantiles_are_bucket_edges_within_a_fifth():
     assert s.count == 1000 and abs(s.mean_s - 500.5e-6) < 1e-9 and s.max_s == pytest.approx(1e-3)
     assert 500e-6 <= s.p50_s <= 500e-6 * 1.19
     assert 990e-6 <= s.p99_s <= 1e-3
+
+
+def test_locate_names_the_tier_each_block_is_read_from(tmp_path, layout):
+    setup = make_tier_setup("device+host+disk", tmp_path, layout)
+    keys, blocks = make_keys(6, seed=880), make_blocks(6, layout, seed=881)
+    missing = make_keys(1, seed=882)[0]
+    with setup.open(device=2, host=2, disk=8) as store:
+        store.put(keys, blocks)  # oldest two on disk, next two on host, newest two on the device
+        assert store.locate(keys + [missing]) == ["disk", "disk", "host", "host", "device", "device", None]
+        store.get(keys[:1])      # promoted: read from the device now
+        assert store.locate(keys[:1]) == ["device"]
+        with pytest.raises(ValueError, match="expected 16-byte keys"):
+            store.locate([b"x"])

@@ -333,6 +333,18 @@ class TierManager:
     def contains(self, key: bytes) -> bool:
         return key in self._index
 
+    def locate(self, keys: Sequence[bytes]) -> list[str | None]:
+        """For each key, the tier a ``get`` would read it from: its fastest ready copy, or for a block still
+        being written (a write-behind demotion), the tier it is going to; None when it is not stored."""
+        with self._lock:
+            found: list[str | None] = []
+            for key in keys:
+                entry = self._entries.get(key)
+                copy = None if entry is None else self._best_ready(entry) or min(
+                    entry.copies.values(), key=lambda c: c.tier, default=None)
+                found.append(None if copy is None else self.tiers[copy.tier].name)
+            return found
+
     def delete(self, keys: Sequence[bytes]) -> int:
         """Forget blocks in every tier (persistently). Missing keys are ignored. Returns how many were present."""
         removed = 0

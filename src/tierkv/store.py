@@ -241,6 +241,13 @@ class BlockStore:
         with self._operation():
             return self._manager.lookup_tokens(token_ids, self.layout.block_tokens, root)
 
+    def locate(self, keys: Sequence[bytes]) -> list[str | None]:
+        """In which tier each key is: the name of the tier a ``get`` would read it from (``"device"``,
+        ``"host"`` or ``"disk"``), or None when it is not stored. A snapshot: blocks move as the store works."""
+        keys = self._check_keys(keys)
+        with self._operation():
+            return self._manager.locate(keys)
+
     def __contains__(self, key: bytes) -> bool:
         key = self._check_keys([key])[0]
         with self._operation():
@@ -261,10 +268,15 @@ class BlockStore:
             self._manager.flush()
 
     def drain(self) -> None:
-        """Wait until the blocks being written to the disk tier in the background (write-behind) have landed,
-        or failed (counted in ``stats()``). Unlike ``flush`` it copies nothing and forces nothing to stable
-        storage; ``get`` never needs it (a block in flight is waited for)."""
+        """Wait until every async operation submitted before this call (``put_async``, ``get_async``,
+        ``prefetch``) has finished and the blocks being written to the disk tier in the background
+        (write-behind) have landed, or failed (counted in ``stats()``). Unlike ``flush`` it copies nothing and
+        forces nothing to stable storage; ``get`` never needs it (a block in flight is waited for). Not to be
+        called from a future's callback (it would wait for itself)."""
         with self._operation():
+            with self._state:
+                lanes = list(self._lanes)
+            wait([self._submit(lane, lambda: None) for lane in lanes])  # the lanes run in order: a barrier each
             self._manager.drain()
 
     def stats(self) -> StoreStats:
