@@ -8,6 +8,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 SOURCES := pyproject.toml CMakeLists.txt $(shell find src csrc -type f -not -name '*.pyc' 2>/dev/null)
 
+VLLM_VERSION ?= 0.32.0
+
 .PHONY: test test-reference bench install clean
 
 $(PY):
@@ -26,8 +28,16 @@ $(VENV)/.tierkv: $(VENV)/.torch $(SOURCES)
 
 install: $(VENV)/.tierkv
 
+# vLLM for the connector's contract tests, without its CUDA dependencies (vllm and xgrammar with --no-deps, then
+# the light packages its scheduler imports); installed once per .venv, again when the list changes.
+$(VENV)/.vllm: requirements/vllm-test.txt | $(VENV)/.torch
+	$(PIP) install --no-deps vllm==$(VLLM_VERSION) xgrammar==0.2.8
+	$(PIP) install -r requirements/vllm-test.txt
+	$(PY) -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
 # pytest exits 5 when it collects no test: that is a failure here, never a silent pass.
-test: $(VENV)/.tierkv
+test: $(VENV)/.tierkv $(VENV)/.vllm
 	$(PY) -m pytest -q tests; rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests"; \
 	  [ $$rc -eq 0 ] || exit 1
 	TIERKV_FORCE_REFERENCE=1 $(PY) -m pytest -q -m "not slow" tests; rc=$$?; \

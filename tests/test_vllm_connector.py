@@ -17,8 +17,8 @@ import os
 import pytest
 import torch
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model folder is local: never ask a hub
 vllm = pytest.importorskip("vllm")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vllm import SamplingParams  # noqa: E402
 from vllm.config import (CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig,  # noqa: E402
