@@ -50,7 +50,8 @@ class Engine:
     """vLLM's Scheduler with TierKVConnector loaded by module path, and the worker side played by the test."""
 
     def __init__(self, tmp_path, layout: str = "LBNHC", host_blocks: int = 64, disk_blocks: int = 0,
-                 failure_policy: str = "recompute", engine_id: str = "tierkv-test") -> None:
+                 failure_policy: str = "recompute", engine_id: str = "tierkv-test", gpu_blocks: int = NUM_BLOCKS
+                 ) -> None:
         model_dir = tmp_path / "model"
         model_dir.mkdir(exist_ok=True)
         (model_dir / "config.json").write_text(json.dumps(MODEL_CONFIG))
@@ -73,7 +74,7 @@ class Engine:
         spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=DIM, dtype=torch.float16)
         groups = create_kv_cache_group_specs({n: spec for n in names}, [names])
         self.kv_cache_config = get_kv_cache_config_from_groups(self.config, groups,
-                                                               NUM_BLOCKS * spec.page_size_bytes * LAYERS)
+                                                               gpu_blocks * spec.page_size_bytes * LAYERS)
         self.config.cache_config.num_gpu_blocks = self.kv_cache_config.num_blocks
         self.caches = allocate_kv_cache(self.kv_cache_config, torch.device("cpu"), KVCacheLayout[layout])
         self.worker = TierKVConnector(self.config, KVConnectorRole.WORKER, self.kv_cache_config)
@@ -300,3 +301,31 @@ def test_a_request_aborted_while_loading_leaks_nothing(engine):
     assert free == engine.kv_cache_config.num_blocks - 1, "blocks of the aborted request were not freed"
     connector = engine.scheduler.connector
     assert not connector._requests and not connector._block_ids and not connector._saved
+
+
+def test_preempted_requests_resume_and_finish_with_nothing_leaked(tmp_path):
+    """Few GPU blocks and long decodes: the scheduler preempts running requests and resumes them later; their
+    saved blocks stay in tierkv (a resumed request can load them back), every GPU block is freed in the end and
+    the connector keeps no state for finished requests."""
+    engine = Engine(tmp_path, gpu_blocks=14)
+    try:
+        for i in range(3):
+            engine.add(f"r{i}", prompt(10 + i, 3, tail=3), max_tokens=40)
+        preempted = set()
+        for _ in range(400):
+            out = engine.step()
+            preempted |= set(out.preempted_req_ids or ())
+            if not engine.scheduler.has_unfinished_requests():
+                break
+        assert preempted, "the test never made the scheduler preempt a request"
+        assert not engine.scheduler.has_unfinished_requests()
+        assert engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == engine.kv_cache_config.num_blocks - 1
+        connector = engine.scheduler.connector
+        assert not (connector._requests or connector._block_ids or connector._saved or connector._plans
+                    or connector._hit_tiers), "state left behind for finished requests"
+        assert not engine.worker._worker._loading
+        for i in range(3):  # the prompts' blocks were saved, keyed by vLLM's hashes
+            keys = engine.worker._worker.keyspace.keys(engine.requests[f"r{i}"].block_hashes[:3])
+            assert engine.store.lookup(keys) == 3
+    finally:
+        engine.close()
