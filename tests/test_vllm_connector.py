@@ -276,7 +276,7 @@ def test_a_failed_load_is_reported_and_vllm_recomputes_those_blocks(engine):
     request = engine.add("b", tokens)
 
     def lose_blocks(out):  # between the lookup and the load they disappear (evicted, or corrupt on disk)
-        assert engine.store.delete(out.kv_connector_metadata.loads[0].keys) == 4
+        assert engine.store.delete(engine.worker._worker.keyspace.keys(out.kv_connector_metadata.loads[0].hashes)) == 4
 
     out = engine.step(before_worker=lose_blocks)
     load = out.kv_connector_metadata.loads[0]
@@ -328,4 +328,34 @@ def test_preempted_requests_resume_and_finish_with_nothing_leaked(tmp_path):
             keys = engine.worker._worker.keyspace.keys(engine.requests[f"r{i}"].block_hashes[:3])
             assert engine.store.lookup(keys) == 3
     finally:
+        engine.close()
+
+
+def test_a_scheduler_without_the_worker_in_its_process_asks_through_the_lookup_socket(tmp_path):
+    """As with tensor parallelism: the scheduler's process has no worker, so the connector asks each rank's lookup
+    server (here rank 0's, served by the worker over a real ipc socket) and loads what it reports."""
+    import uuid
+
+    from tierkv.integrations.vllm import registry
+    from tierkv.integrations.vllm.lookup import LookupClient
+
+    engine = Engine(tmp_path, engine_id=f"tierkv-remote-{uuid.uuid4().hex[:8]}")
+    try:
+        registry.withdraw(engine.config.kv_transfer_config.engine_id, engine.worker._worker)
+        tokens = prompt(7, 4)
+        engine.add("a", tokens)
+        engine.run()
+        engine.store.drain()
+        assert isinstance(engine.scheduler.connector._remote, LookupClient)
+        keys = engine.worker._worker.keyspace.keys(engine.requests["a"].block_hashes[:4])
+        assert engine.store.lookup(keys) == 4, "saves were planned through the socket too"
+        assert engine.scheduler.reset_prefix_cache()
+        request = engine.add("b", tokens)
+        out = engine.run_until_scheduled("b")
+        assert out.num_scheduled_tokens["b"] == len(tokens) - 4 * BLOCK
+        got = engine.blocks_of("b", 4)
+        for i, h in enumerate(request.block_hashes[:4]):
+            assert torch.equal(got[i].view(torch.int16), engine.expected_block(h).view(torch.int16)), f"block {i}"
+    finally:
+        engine.scheduler.connector.shutdown()
         engine.close()

@@ -12,8 +12,9 @@ vLLM builds one instance per role:
   of vLLM's KV cache right after the forward pass (so vLLM may free them at once) and store them on the save
   lane, whose disk writes are write-behind. The forward pass never waits for the disk.
 
-Keys are vLLM's own block hashes (``request.block_hashes``), namespaced (:mod:`.keys`). The scheduler side finds
-the worker's store in the same process (:mod:`.registry`): one GPU per engine in this version.
+Keys are vLLM's own block hashes (``request.block_hashes``), namespaced per rank (:mod:`.keys`). The scheduler side
+asks the worker's store directly when it runs in the same process (:mod:`.registry`; one GPU per engine), and
+every rank's store over a local socket otherwise (:mod:`.lookup`; tensor and pipeline parallelism).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import tierkv
 
 from . import registry
 from .keys import Keyspace
+from .lookup import LookupClient, LookupServer, StoreView, socket_address
 from .pages import PagedKV
 from .settings import store_config
 
@@ -49,10 +51,11 @@ log = logging.getLogger("tierkv.vllm")
 
 @dataclass
 class Transfer:
-    """Blocks of one request moving between tierkv (``keys``) and vLLM's KV cache (``block_ids``)."""
+    """Blocks of one request moving between tierkv and vLLM's KV cache: vLLM's block hashes (each rank keys them
+    in its own namespace) and the vLLM block ids."""
 
     req_id: str
-    keys: list[bytes]
+    hashes: list[bytes]
     block_ids: list[int]
 
 
@@ -69,7 +72,7 @@ class _Plan:
     """A lookup's answer, kept between get_num_new_matched_tokens and update_state_after_alloc."""
 
     start: int             # first block to load (vLLM's own hit ends there)
-    keys: list[bytes]
+    hashes: list[bytes]    # vLLM's block hashes of the blocks to load (each rank keys them itself)
     tiers: list[str | None]
 
 
@@ -90,7 +93,8 @@ class TierKVConnector(KVConnectorBase_V1):
         self._requests: dict[str, Request] = {}
         self._block_ids: dict[str, list[int]] = {}
         self._saved: dict[str, int] = {}  # blocks of each request already saved (or loaded)
-        self._warned_no_store = False
+        self._world_size = vllm_config.parallel_config.world_size
+        self._remote: LookupClient | None = None
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -99,30 +103,28 @@ class TierKVConnector(KVConnectorBase_V1):
     # ==============================================================================================
     # scheduler side
     # ==============================================================================================
-    def _store_side(self) -> "_Worker | None":
+    def _stores(self) -> "StoreView | LookupClient":
+        """The worker side's store in this process, or a client of every rank's lookup server."""
         worker = registry.find(self._engine_id)
-        if worker is None and not self._warned_no_store:
-            self._warned_no_store = True
-            log.warning("tierkv: no tierkv worker in this process for engine %s: no external hits and no saves. "
-                        "This version needs vLLM's scheduler and worker in one process "
-                        "(tensor_parallel_size=1 and pipeline_parallel_size=1).", self._engine_id)
-        return worker
+        if worker is not None:
+            return worker.view
+        if self._remote is None:
+            self._remote = LookupClient([socket_address(self._engine_id, r) for r in range(self._world_size)])
+        return self._remote
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         self._requests[request.request_id] = request
-        worker = self._store_side()
         bs = self._block_size
         # The last prompt token is always computed (its logits start the decode), so it is never loaded.
         limit = min((request.num_tokens - 1) // bs, len(request.block_hashes))
         start = num_computed_tokens // bs
-        if worker is None or num_computed_tokens % bs or limit <= start:
+        if num_computed_tokens % bs or limit <= start:
             return 0, False
-        keys = worker.keyspace.keys(request.block_hashes[start:limit])
-        found = worker.store.lookup(keys)
+        hashes = list(request.block_hashes[start:limit])
+        found, tiers = self._stores().lookup_hashes(hashes)
         if not found:
             return 0, False
-        keys = keys[:found]
-        self._plans[request.request_id] = _Plan(start, keys, worker.store.locate(keys))
+        self._plans[request.request_id] = _Plan(start, hashes[:found], tiers)
         return found * bs, True
 
     def update_state_after_alloc(self, request: "Request", blocks: Any, num_external_tokens: int) -> None:
@@ -133,7 +135,7 @@ class TierKVConnector(KVConnectorBase_V1):
         block_ids = list(blocks.get_block_ids()[0][plan.start:plan.start + count])
         assert len(block_ids) == count, (f"request {request.request_id}: {count} blocks to load into "
                                          f"{len(block_ids)} allocated")
-        self._loads.append(Transfer(request.request_id, plan.keys[:count], block_ids))
+        self._loads.append(Transfer(request.request_id, plan.hashes[:count], block_ids))
         self._hit_tiers[request.request_id] = plan.tiers[:count]
         self._saved[request.request_id] = plan.start + count  # what is loaded is in tierkv already
 
@@ -149,10 +151,10 @@ class TierKVConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> TierKVMetadata:
         meta = TierKVMetadata(loads=self._loads)
         self._loads = []
-        worker = self._store_side()
+        stores = self._stores()
         for new in scheduler_output.scheduled_new_reqs:
             self._block_ids[new.req_id] = list(new.block_ids[0])
-            self._plan_save(meta, worker, new.req_id, new.num_computed_tokens, scheduler_output)
+            self._plan_save(meta, stores, new.req_id, new.num_computed_tokens, scheduler_output)
         cached = scheduler_output.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", None)
         for i, req_id in enumerate(cached.req_ids):
@@ -162,14 +164,14 @@ class TierKVConnector(KVConnectorBase_V1):
                 self._block_ids[req_id] = list(new_ids[0]) if new_ids else []
             elif new_ids:
                 self._block_ids.setdefault(req_id, []).extend(new_ids[0])
-            self._plan_save(meta, worker, req_id, cached.num_computed_tokens[i], scheduler_output)
+            self._plan_save(meta, stores, req_id, cached.num_computed_tokens[i], scheduler_output)
         return meta
 
-    def _plan_save(self, meta: TierKVMetadata, worker: "_Worker | None", req_id: str, computed_before: int,
+    def _plan_save(self, meta: TierKVMetadata, stores: "StoreView | LookupClient", req_id: str, computed_before: int,
                    scheduler_output: "SchedulerOutput") -> None:
         """Name the full blocks of ``req_id`` whose KV this step completes and tierkv does not hold yet."""
         request = self._requests.get(req_id)
-        if worker is None or request is None:
+        if request is None:
             return
         drafts = len(scheduler_output.scheduled_spec_decode_tokens.get(req_id, ()))  # may be rejected
         computed = computed_before + scheduler_output.num_scheduled_tokens.get(req_id, 0) - drafts
@@ -179,10 +181,11 @@ class TierKVConnector(KVConnectorBase_V1):
         if full <= first:
             return
         self._saved[req_id] = full
-        keys = worker.keyspace.keys(request.block_hashes[first:full])
-        todo = [(k, b) for k, b in zip(keys, block_ids[first:full]) if k not in worker.store]
+        hashes = list(request.block_hashes[first:full])
+        todo = [(h, b) for h, b, missing in zip(hashes, block_ids[first:full], stores.missing_hashes(hashes))
+                if missing]
         if todo:
-            meta.saves.append(Transfer(req_id, [k for k, _ in todo], [b for _, b in todo]))
+            meta.saves.append(Transfer(req_id, [h for h, _ in todo], [b for _, b in todo]))
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict | None]:
         req_id = request.request_id
@@ -196,6 +199,8 @@ class TierKVConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker = _Worker.open(self._vllm_config, self._kv_cache_config, kv_caches, self._config)
         registry.publish(self._engine_id, self._worker)
+        # For a scheduler in another process (tensor/pipeline parallelism, or a multiprocess executor).
+        self._worker.serve(socket_address(self._engine_id, self._vllm_config.parallel_config.rank))
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         if self._worker is not None and self.has_connector_metadata():
@@ -220,6 +225,9 @@ class TierKVConnector(KVConnectorBase_V1):
         return self._worker.take_load_errors() if self._worker is not None else set()
 
     def shutdown(self) -> None:
+        if self._remote is not None:
+            self._remote.close()
+            self._remote = None
         if self._worker is not None:
             registry.withdraw(self._engine_id, self._worker)
             self._worker.close()
@@ -233,8 +241,14 @@ class _Worker:
         self.store = store
         self.pages = pages
         self.keyspace = keyspace
+        self.view = StoreView(store, keyspace)
         self._loading: dict[str, tuple[Future, list[int]]] = {}
         self._load_errors: set[int] = set()
+        self._server: LookupServer | None = None
+
+    def serve(self, address: str) -> None:
+        """Answer lookups from a scheduler in another process."""
+        self._server = LookupServer(self.view, address)
 
     @classmethod
     def open(cls, vllm_config: Any, kv_cache_config: Any, kv_caches: dict[str, torch.Tensor],
@@ -254,7 +268,7 @@ class _Worker:
 
     def start_loads(self, loads: list[Transfer]) -> None:
         for load in loads:
-            self._loading[load.req_id] = (self.store.get_async(load.keys), load.block_ids)
+            self._loading[load.req_id] = (self.store.get_async(self.keyspace.keys(load.hashes)), load.block_ids)
 
     def finished_loads(self) -> set[str]:
         """Requests whose load is done: their blocks are written into vLLM's KV cache now, or, when the store
@@ -280,9 +294,11 @@ class _Worker:
     def save(self, saves: list[Transfer]) -> None:
         for transfer in saves:
             # Copied out now, during the step: vLLM may reuse these blocks as soon as the step ends.
-            self.store.put_async(transfer.keys, self.pages.gather(transfer.block_ids))
+            self.store.put_async(self.keyspace.keys(transfer.hashes), self.pages.gather(transfer.block_ids))
 
     def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
         self.store.close()  # waits for saves and loads in flight
 
 
