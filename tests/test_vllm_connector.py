@@ -25,8 +25,7 @@ from vllm.config import (CacheConfig, DeviceConfig, KVTransferConfig, ModelConfi
                          VllmConfig)
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
 from vllm.utils.hashing import sha256  # noqa: E402
-from vllm.v1.core.kv_cache_utils import (create_kv_cache_group_specs, get_kv_cache_config_from_groups,  # noqa: E402
-                                         get_request_block_hasher, init_none_hash)
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheLayout  # noqa: E402
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
@@ -35,6 +34,7 @@ from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 from vllm.v1.worker.utils import allocate_kv_cache  # noqa: E402
 
 from tierkv.integrations.vllm.connector import TierKVConnector  # noqa: E402
+from vllm_compat import create_kv_cache_group_specs, get_kv_cache_config_from_groups  # noqa: E402
 
 BLOCK = 16
 LAYERS, HEADS, DIM = 2, 2, 16

@@ -394,7 +394,7 @@ def vllm_caches(layout: str, specs: dict, groups: list[list[str]], kernel_block_
     ``allocate_kv_cache``), on the CPU, filled with random bits."""
     pytest.importorskip("vllm")
     from vllm.config import DeviceConfig, VllmConfig
-    from vllm.v1.core.kv_cache_utils import create_kv_cache_group_specs, get_kv_cache_config_from_groups
+    from vllm_compat import create_kv_cache_group_specs, get_kv_cache_config_from_groups
     from vllm.v1.kv_cache_interface import KVCacheLayout
     from vllm.v1.worker.utils import allocate_kv_cache
 
