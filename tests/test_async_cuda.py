@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tierkv
 from conftest import assert_bit_equal, check_invariants, gpu, make_blocks, make_keys, make_tier_setup, settle
 
 SPIN_CYCLES = 200_000_000  # about 0.1 s of GPU time: far longer than a copy

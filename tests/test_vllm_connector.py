@@ -175,6 +175,12 @@ class Engine:
         ids = self.scheduler.kv_cache_manager.get_block_ids(req_id)[0][:count]
         return self.pages.gather(ids)
 
+    def assert_holds(self, req_id: str, count: int) -> None:
+        """vLLM's KV cache holds the right bytes in the first ``count`` blocks of ``req_id``."""
+        got = self.blocks_of(req_id, count)
+        for i, h in enumerate(self.requests[req_id].block_hashes[:count]):
+            assert torch.equal(got[i].view(torch.int16), self.expected_block(h).view(torch.int16)), f"block {i}"
+
 
 def prompt(seed: int, blocks: int, tail: int = 5) -> list[int]:
     g = torch.Generator().manual_seed(seed)
@@ -212,9 +218,7 @@ def test_a_prompt_vllm_forgot_is_loaded_asynchronously_then_runs_with_the_loaded
     assert len(load.block_ids) == 4
     out = engine.run_until_scheduled("b")  # the load lane finishes; a later step reports it; the request runs
     assert out.num_scheduled_tokens["b"] == len(tokens) - 4 * BLOCK, "the loaded tokens count as computed"
-    got = engine.blocks_of("b", 4)
-    for i, h in enumerate(request.block_hashes[:4]):
-        assert torch.equal(got[i].view(torch.int16), engine.expected_block(h).view(torch.int16)), f"block {i}"
+    engine.assert_holds("b", 4)
     engine.run()
     assert not engine.scheduler.has_unfinished_requests()
 
@@ -229,12 +233,10 @@ def test_save_evict_to_disk_load_round_trip_is_byte_exact_for_every_layout(tmp_p
         engine.store.drain()
         assert engine.store.stats().tiers["disk"].used_blocks >= 3
         assert engine.scheduler.reset_prefix_cache()
-        request = engine.add("b", tokens)
+        engine.add("b", tokens)
         out = engine.run_until_scheduled("b")
         assert out.num_scheduled_tokens["b"] == len(tokens) - 5 * BLOCK
-        got = engine.blocks_of("b", 5)
-        for i, h in enumerate(request.block_hashes[:5]):
-            assert torch.equal(got[i].view(torch.int16), engine.expected_block(h).view(torch.int16)), f"block {i}"
+        engine.assert_holds("b", 5)
         assert engine.store.stats().tiers["disk"].hits >= 3
     finally:
         engine.close()
@@ -350,12 +352,10 @@ def test_a_scheduler_without_the_worker_in_its_process_asks_through_the_lookup_s
         keys = engine.worker._worker.keyspace.keys(engine.requests["a"].block_hashes[:4])
         assert engine.store.lookup(keys) == 4, "saves were planned through the socket too"
         assert engine.scheduler.reset_prefix_cache()
-        request = engine.add("b", tokens)
+        engine.add("b", tokens)
         out = engine.run_until_scheduled("b")
         assert out.num_scheduled_tokens["b"] == len(tokens) - 4 * BLOCK
-        got = engine.blocks_of("b", 4)
-        for i, h in enumerate(request.block_hashes[:4]):
-            assert torch.equal(got[i].view(torch.int16), engine.expected_block(h).view(torch.int16)), f"block {i}"
+        engine.assert_holds("b", 4)
     finally:
         engine.scheduler.connector.shutdown()
         engine.close()
