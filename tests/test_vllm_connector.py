@@ -19,6 +19,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model folder is local: never ask a hub
 vllm = pytest.importorskip("vllm")
+# The harness builds KV caches with vLLM's allocate_kv_cache and KVCacheLayout, which arrived in vLLM 0.32.
+pytest.importorskip("vllm.v1.kv_cache_layout", reason="needs vLLM >= 0.32 (allocate_kv_cache with KVCacheLayout)")
 
 from vllm import SamplingParams  # noqa: E402
 from vllm.config import (CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig,  # noqa: E402

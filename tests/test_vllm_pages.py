@@ -389,10 +389,14 @@ def test_bad_block_ids_and_buffers_are_refused():
 # tensors from vLLM's own allocator
 
 
+# vLLM's allocate_kv_cache and KVCacheLayout, which these tests call, arrived in vLLM 0.32.
+ALLOCATOR = "needs vLLM >= 0.32 (allocate_kv_cache with KVCacheLayout)"
+
+
 def vllm_caches(layout: str, specs: dict, groups: list[list[str]], kernel_block_sizes=None, seed=0):
     """``kv_caches`` exactly as vLLM's GPU model runner builds them (``get_kv_cache_config_from_groups`` then
     ``allocate_kv_cache``), on the CPU, filled with random bits."""
-    pytest.importorskip("vllm")
+    pytest.importorskip("vllm.v1.kv_cache_layout", reason=ALLOCATOR)
     from vllm.config import DeviceConfig, VllmConfig
     from vllm_compat import create_kv_cache_group_specs, get_kv_cache_config_from_groups
     from vllm.v1.kv_cache_interface import KVCacheLayout
@@ -410,7 +414,7 @@ def vllm_caches(layout: str, specs: dict, groups: list[list[str]], kernel_block_
 
 
 def attention_spec(dtype=torch.bfloat16, **kw):
-    pytest.importorskip("vllm")
+    pytest.importorskip("vllm.v1.kv_cache_layout", reason=ALLOCATOR)
     from vllm.v1.kv_cache_interface import FullAttentionSpec
     return FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=DIM, dtype=dtype, **kw)
 
@@ -476,7 +480,7 @@ def test_vllm_fp8_cache_round_trips(layout):
 @pytest.mark.parametrize("layout", ["LBNHC", "BLNHC", "BHLNC"])
 def test_vllm_hybrid_model_one_paged_kv_per_cache_group(layout):
     """Full and sliding-window groups overlay the same bytes; a block id belongs to one group at a time."""
-    pytest.importorskip("vllm")
+    pytest.importorskip("vllm.v1.kv_cache_layout", reason=ALLOCATOR)
     from vllm.v1.kv_cache_interface import SlidingWindowSpec
     full = attention_spec()
     window = SlidingWindowSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=DIM, dtype=torch.bfloat16,
@@ -490,7 +494,7 @@ def test_vllm_hybrid_model_one_paged_kv_per_cache_group(layout):
 
 
 def test_vllm_mla_cache_is_refused():
-    pytest.importorskip("vllm")
+    pytest.importorskip("vllm.v1.kv_cache_layout", reason=ALLOCATOR)
     from vllm.v1.kv_cache_interface import MLAAttentionSpec
     spec = MLAAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=2 * DIM, dtype=torch.bfloat16)
     caches, config = vllm_caches("LBNHC", {layer_name(0): spec}, [[layer_name(0)]])
