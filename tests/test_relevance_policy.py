@@ -201,3 +201,22 @@ def test_a_shared_prefix_does_not_collect_the_keys_of_blocks_long_gone(tmp_path,
         entry = store._manager._entries[system[0]]
         assert entry.children <= {k for k in entry.children if k in store}
         assert len(entry.children) <= 3
+
+
+def test_the_other_trace_shapes_replay_both_policies_on_the_same_requests(tmp_path, monkeypatch):
+    """bench_policy_shapes (the "never much lower than lru" check): each shape really is the default trace
+    with its overrides, both policies replay the same requests, and the verdict follows the floor."""
+    import io
+
+    from tierkv.bench.policy import OTHER_SHAPES, POLICY_FLOOR_POINTS, TraceShape, bench_policy_shapes
+    from tierkv.bench.progress import Progress
+
+    monkeypatch.chdir(tmp_path)
+    results, rows, failures = bench_policy_shapes(seed=1, requests=40, progress=Progress(99, io.StringIO()))
+    assert list(results) == list(OTHER_SHAPES) and len(rows) == len(OTHER_SHAPES) and not failures
+    for (name, overrides), row in zip(OTHER_SHAPES.items(), rows):
+        run = results[name]
+        assert run["shape"] == {**TraceShape(requests=40).__dict__, **overrides}
+        assert run["lru"]["requested_blocks"] == run["relevance"]["requested_blocks"] > 0
+        assert run["gain_points"] == 100 * (run["relevance"]["hit_rate"] - run["lru"]["hit_rate"])
+        assert row[-1] == ("PASS" if run["gain_points"] >= POLICY_FLOOR_POINTS else "BELOW")
