@@ -11,6 +11,10 @@ Every request is what an engine does: ``lookup_tokens`` says how many leading bl
 fetched with ``get`` (promoting them), and the whole chain is ``put`` (stored blocks are refreshed, the rest
 stored). The hit rate is cached blocks / requested blocks. Blocks are tiny (the policy is what is measured,
 not bandwidth); the disk tier lives in a temporary directory.
+
+``bench_policy_shapes`` replays variations of the trace (OTHER_SHAPES: fewer and more sessions, half and
+double capacities, flatter popularity) to check that relevance never trails lru by much where it gains
+little; it is not part of ``tierkv bench``: ``python -m tierkv.bench.policy --shapes``.
 """
 from __future__ import annotations
 
@@ -27,9 +31,11 @@ import tierkv
 
 from .progress import Progress
 
-__all__ = ["bench_policies", "make_trace", "replay", "POLICY_TARGET_POINTS"]
+__all__ = ["bench_policies", "bench_policy_shapes", "make_trace", "replay", "POLICY_TARGET_POINTS",
+           "POLICY_FLOOR_POINTS", "OTHER_SHAPES"]
 
 POLICY_TARGET_POINTS = 3.0  # relevance must beat lru by this many points of total hit rate
+POLICY_FLOOR_POINTS = -0.5  # ... and never trail it by more than this on any other trace shape
 _LAYOUT = tierkv.KVLayout(num_layers=1, num_kv_heads=1, head_dim=64, block_tokens=16, dtype=torch.bfloat16)
 _VOCAB = 128_256
 
@@ -45,6 +51,17 @@ class TraceShape:
     device_blocks: int = 96
     host_blocks: int = 256
     disk_blocks: int = 640
+
+
+# Variations of the default trace for the "never much lower than lru" check (bench_policy_shapes): fewer and more
+# sessions, half and double the capacities, flatter popularity.
+OTHER_SHAPES: dict[str, dict[str, Any]] = {
+    "16 sessions": dict(sessions=16),
+    "128 sessions": dict(sessions=128),
+    "half capacities": dict(device_blocks=48, host_blocks=128, disk_blocks=320),
+    "double capacities": dict(device_blocks=192, host_blocks=512, disk_blocks=1280),
+    "zipf 0.8": dict(zipf=0.8),
+}
 
 
 def make_trace(shape: TraceShape, seed: int) -> list[np.ndarray]:
@@ -130,3 +147,49 @@ def bench_policies(seed: int, requests: int, progress: Progress
     rows.append(("  bytes moved between tiers (MB)", f"{moved['relevance'] / 1e6:.1f}", f"{moved['lru'] / 1e6:.1f}",
                  f"{moved['relevance'] / moved['lru']:.2f}x" if moved["lru"] else "-", "-", "info"))
     return results, rows, []
+
+
+def bench_policy_shapes(seed: int, requests: int, progress: Progress
+                        ) -> tuple[dict[str, Any], list[tuple[str, ...]], list[str]]:
+    """relevance against lru on each of OTHER_SHAPES (same seed): the gain may be small there, but relevance must
+    never trail lru by more than POLICY_FLOOR_POINTS. Not part of ``tierkv bench`` (about a minute); run
+    ``python -m tierkv.bench.policy --shapes``."""
+    results: dict[str, Any] = {}
+    rows: list[tuple[str, ...]] = []
+    with tempfile.TemporaryDirectory(prefix="tierkv-policy-", dir=".") as tmp:
+        for name, overrides in OTHER_SHAPES.items():
+            shape = TraceShape(requests=requests, **overrides)
+            trace = make_trace(shape, seed)
+            runs = {}
+            for policy in ("lru", "relevance"):
+                runs[policy] = replay(trace, policy, shape, Path(tmp) / name.replace(" ", "-"))
+                progress.step(f"policy trace, {name}: {policy}")
+            gain = 100 * (runs["relevance"]["hit_rate"] - runs["lru"]["hit_rate"])
+            results[name] = {"shape": shape.__dict__, **runs, "gain_points": gain}
+            rows.append((f"  {name}: relevance vs lru", f"{100 * runs['relevance']['hit_rate']:.1f}%",
+                         f"{100 * runs['lru']['hit_rate']:.1f}%", f"{gain:+.1f} pts",
+                         f">= {POLICY_FLOOR_POINTS:+.1f} pts", "PASS" if gain >= POLICY_FLOOR_POINTS else "BELOW"))
+    return results, rows, []
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tierkv.bench.policy [--seed N] [--requests N] [--shapes]``: the policy trace alone (and, with
+    ``--shapes``, OTHER_SHAPES too), printed as a table."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tierkv.bench.policy", description=main.__doc__)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--requests", type=int, default=TraceShape.requests)
+    p.add_argument("--shapes", action="store_true", help="also the other trace shapes (about a minute)")
+    a = p.parse_args(argv)
+    with Progress(2 + 2 * len(OTHER_SHAPES) * a.shapes) as progress:
+        _, rows, _ = bench_policies(a.seed, a.requests, progress)
+        if a.shapes:
+            rows += bench_policy_shapes(a.seed, a.requests, progress)[1]
+    for row in rows:
+        print(f"{row[0]:40s} {row[1]:>9s} {row[2]:>9s} {row[3]:>10s} {row[4]:>12s}  {row[5]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
