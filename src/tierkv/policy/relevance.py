@@ -21,8 +21,8 @@ cache turned over is recognised, because the sketch still counts its earlier vis
 
 The block that needs room (``newer_than``, its last use) is scored as a block seen once: its arrival is all
 this tier knows of it. A resident leaves for it only if ``score < newer_than + SAMPLE * tier_blocks``, so a
-block seen ``n`` times keeps its place against a newcomer last used less than ``(n - 1) * SAMPLE *
-tier_blocks`` ticks after it, and a block seen once gives way to any newer one, as under LRU.
+block seen ``n`` times keeps its place against a newcomer last used up to ``(n - 1) * SAMPLE * tier_blocks``
+ticks after it, and a block seen once gives way to any newer one, as under LRU.
 
 Position in the prefix tree comes from the manager (``prefix_aware``): the keys of one put or get are
 stamped head-most-recent, and a prefix is used whenever anything after it is, so of blocks a tier has seen
