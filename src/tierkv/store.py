@@ -206,8 +206,12 @@ class BlockStore:
         future = self._submit("load", prefetch)
         with self._pending_lock:
             self._prefetches.add(future)
-            future.add_done_callback(self._prefetches.discard)
+            future.add_done_callback(self._forget_prefetch)
         return future
+
+    def _forget_prefetch(self, done: Future) -> None:
+        with self._pending_lock:  # close() copies the set under this lock
+            self._prefetches.discard(done)
 
     def _get_args(self, keys: Sequence[bytes], out: torch.Tensor | None) -> tuple[list[bytes], torch.Tensor]:
         keys = self._check_keys(keys)
