@@ -17,7 +17,7 @@ import torch
 import tierkv
 from tierkv import ops
 from tierkv.codec import make_codec, reference
-from tierkv.codec.format import CODEC_IDS, DTYPE_IDS, EncodedFormat
+from tierkv.codec.format import CODEC_IDS, EncodedFormat
 
 from conftest import assert_bit_equal
 

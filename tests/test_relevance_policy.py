@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-import tierkv
 from conftest import assert_bit_equal, check_invariants, make_blocks, make_keys, make_tier_setup
 from tierkv.policy import RelevancePolicy
 from tierkv.policy.relevance import MAX_SEEN, MIN_TIER_BLOCKS, SAMPLE
