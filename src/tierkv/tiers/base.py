@@ -5,7 +5,7 @@ A tier moves bytes in and out of its slots and says what it can do; it never dec
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -57,27 +57,14 @@ class Tier(Protocol):
         """Copy ``count`` consecutive slots into ``buf`` (1-D uint8 host memory, ``count * slot_nbytes``; slot
         ``first_slot + j`` at ``j * slot_nbytes``) and say, per slot, None or the ``CorruptBlock``/``OSError``
         that made it unreadable. The disk tier does it in one request; this default reads slot by slot."""
-        results: list[BaseException | None] = []
-        for j in range(count):
-            try:
-                self.read(first_slot + j, buf[j * self.slot_nbytes:(j + 1) * self.slot_nbytes])
-                results.append(None)
-            except (CorruptBlock, OSError) as exc:
-                results.append(exc)
-        return results
+        rows = [buf[j * self.slot_nbytes:(j + 1) * self.slot_nbytes] for j in range(count)]
+        return slot_by_slot(self.read, first_slot, rows, (CorruptBlock, OSError))
 
     def write_run(self, first_slot: int, bufs: list[torch.Tensor]) -> list[BaseException | None]:
         """Store ``bufs[j]`` (1-D uint8 host memory, at least ``slot_nbytes``, page-aligned) in slot
         ``first_slot + j`` and say, per slot, None or the ``OSError`` that made it fail. The disk tier does it in
         one request; this default writes slot by slot."""
-        results: list[BaseException | None] = []
-        for j, buf in enumerate(bufs):
-            try:
-                self.write(first_slot + j, buf)
-                results.append(None)
-            except OSError as exc:
-                results.append(exc)
-        return results
+        return slot_by_slot(self.write, first_slot, bufs, (OSError,))
 
     def bind(self, key: bytes, slot: int) -> None:
         """``key``'s copy in ``slot`` is complete (persistent tiers record it)."""
@@ -95,6 +82,20 @@ class Tier(Protocol):
         """Plain-data description: name, device, capacity, slot size and backend details."""
 
     def close(self) -> None: ...
+
+
+def slot_by_slot(op: Callable[[int, torch.Tensor], None], first_slot: int, bufs: list[torch.Tensor],
+                 failures: tuple[type[BaseException], ...]) -> list[BaseException | None]:
+    """``op(first_slot + j, bufs[j])`` for each buffer; per slot, None or the exception in ``failures`` it
+    raised (a run that failed as a whole is retried this way, so one bad slot costs only its own block)."""
+    results: list[BaseException | None] = []
+    for j, buf in enumerate(bufs):
+        try:
+            op(first_slot + j, buf)
+            results.append(None)
+        except failures as exc:
+            results.append(exc)
+    return results
 
 
 class SlottedTier:
