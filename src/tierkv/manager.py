@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ._memory import ScratchBuffers, aligned_empty
+from ._memory import ScratchBuffers, aligned_empty, copy_bytes
 from .codec import Codec, NoneCodec, transcode
 from .errors import BlockNotFound
 from .policy import make_policy
@@ -538,7 +538,7 @@ class TierManager:
             stored = buf[at:at + tier.payload_nbytes]
             try:
                 if stash[row] is not None:
-                    stash[row][:tier.payload_nbytes].copy_(stored)
+                    copy_bytes(stash[row][:tier.payload_nbytes], stored)
                 transcode(stored, tier.codec, out[row], self._raw)
             except Exception as exc:  # noqa: BLE001 - reported for this block alone, like any read failure
                 results[j] = exc

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .. import ops
+from .._memory import copy_bytes
 from ..layout import KVLayout
 from . import reference
 from .format import CODEC_IDS, DTYPE_IDS, HEADER_NBYTES, EncodedFormat
@@ -55,11 +56,10 @@ class NoneCodec(Codec):
         self.nbytes = layout.block_nbytes
 
     def encode(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
-        out.copy_(blocks.reshape(blocks.shape[0], -1).view(torch.uint8) if blocks.is_contiguous()
-                  else blocks.contiguous().reshape(blocks.shape[0], -1).view(torch.uint8))
+        copy_bytes(out, blocks.contiguous().reshape(blocks.shape[0], -1).view(torch.uint8))
 
     def decode(self, encoded: torch.Tensor, out: torch.Tensor) -> None:
-        out.view(torch.uint8).reshape(encoded.shape[0], -1).copy_(encoded)
+        copy_bytes(out.view(torch.uint8).reshape(encoded.shape[0], -1), encoded)
 
 
 class LossyCodec(Codec):
@@ -210,7 +210,7 @@ def transcode(src: torch.Tensor, src_codec: Codec, dst: torch.Tensor, dst_codec:
     host-to-device copy, so PCIe carries the small form.
     """
     if src_codec.name == dst_codec.name:
-        dst.copy_(src)
+        copy_bytes(dst, src)
         return
     layout = dst_codec.layout
     shape = (1, *layout.block_shape)
@@ -223,7 +223,7 @@ def transcode(src: torch.Tensor, src_codec: Codec, dst: torch.Tensor, dst_codec:
         else:
             encoded = torch.empty((1, dst_codec.nbytes), dtype=torch.uint8, device=src.device)
             dst_codec.encode(blocks, encoded)
-            dst.copy_(encoded[0])
+            copy_bytes(dst, encoded[0])
     elif not dst_codec.lossy:  # dequantize where the raw block goes
         encoded = src if src.device == dst.device else src.to(dst.device)
         src_codec.decode(encoded.view(1, -1), dst.view(layout.dtype).view(shape))

@@ -15,7 +15,7 @@ import threading
 import torch
 import xxhash
 
-from .._memory import ALIGNMENT, aligned_empty, round_up
+from .._memory import ALIGNMENT, aligned_empty, copy_bytes, round_up
 from ..errors import StoreInUse
 from ..codec import Codec
 from ..index import DiskIndex, IndexRecord, now
@@ -120,7 +120,7 @@ class DiskTier(SlottedTier):
         buf = self._direct_buffer(src)
         if buf is None:
             buf = self._staging_buffer()
-            buf[:self.payload_nbytes].copy_(src[:self.payload_nbytes])
+            copy_bytes(buf[:self.payload_nbytes], src[:self.payload_nbytes])
         digest = checksum(buf[:self.payload_nbytes])
         self._file.pwrite(buf, slot * self.slot_nbytes)
         self._checksums[slot] = digest
@@ -149,7 +149,7 @@ class DiskTier(SlottedTier):
         self._file.pread(buf, slot * self.slot_nbytes)
         self._verify(slot, buf)
         if staged:
-            dst[:self.payload_nbytes].copy_(buf[:self.payload_nbytes])
+            copy_bytes(dst[:self.payload_nbytes], buf[:self.payload_nbytes])
 
     def read_run(self, first_slot: int, count: int, buf: torch.Tensor) -> list[BaseException | None]:
         """``count`` consecutive slots in one request (a few MiB per request is what NVMe, and this file system,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._memory import aligned_empty, round_up
+from .._memory import aligned_empty, copy_bytes, round_up
 from ..codec import Codec
 from .base import SlotAllocator, SlottedTier
 
@@ -46,10 +46,10 @@ class MemoryTier(SlottedTier):
     # non_blocking: on a GPU the copy is queued on the caller's copy stream, which the tier manager waits for
     # once per batch (see tierkv.transfer); between CPU tensors it is an ordinary synchronous copy.
     def write(self, slot: int, src: torch.Tensor) -> None:
-        self._slab[slot].copy_(src[:self.payload_nbytes], non_blocking=True)
+        copy_bytes(self._slab[slot], src[:self.payload_nbytes], non_blocking=True)
 
     def read(self, slot: int, dst: torch.Tensor) -> None:
-        dst[:self.payload_nbytes].copy_(self._slab[slot], non_blocking=True)
+        copy_bytes(dst[:self.payload_nbytes], self._slab[slot], non_blocking=True)
 
     def bind(self, key: bytes, slot: int) -> None:
         pass  # volatile: nothing to record
