@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ._memory import ScratchBuffers, aligned_empty, copy_bytes
+from ._memory import ALIGNMENT, ScratchBuffers, aligned_empty, copy_bytes
 from .codec import Codec, NoneCodec, transcode
 from .errors import BlockNotFound
 from .policy import make_policy
@@ -528,7 +528,8 @@ class TierManager:
         copied) into their rows of ``out``."""
         tier = self.tiers[copies[0].tier]
         first = min(c.slot for c in copies)
-        buf = self._scratch.get(len(copies) * tier.slot_nbytes)
+        direct = self._direct_run(tier, copies, out, rows)
+        buf = direct if direct is not None else self._scratch.get(len(copies) * tier.slot_nbytes)
         by_slot = tier.read_run(first, len(copies), buf)
         results = [by_slot[c.slot - first] for c in copies]
         for j, (row, result) in enumerate(zip(rows, results)):
@@ -539,10 +540,24 @@ class TierManager:
             try:
                 if stash[row] is not None:
                     copy_bytes(stash[row][:tier.payload_nbytes], stored)
-                transcode(stored, tier.codec, out[row], self._raw)
+                if direct is None:
+                    transcode(stored, tier.codec, out[row], self._raw)
             except Exception as exc:  # noqa: BLE001 - reported for this block alone, like any read failure
                 results[j] = exc
         return results
+
+    @staticmethod
+    def _direct_run(tier: Tier, copies: list[Copy], out: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
+        """The rows of ``out`` a run can be read straight into, skipping the scratch buffer and its copy (about
+        a fifth of a cold read's time on one I/O thread): raw blocks that fill their slots exactly, slots
+        ascending with consecutive rows, into page-aligned host memory. None when any of that does not hold."""
+        n = len(copies)
+        if (tier.codec.lossy or tier.slot_nbytes != out.shape[1] or out.device.type != "cpu"
+                or not out.is_contiguous() or rows != list(range(rows[0], rows[0] + n))
+                or any(copies[j].slot != copies[0].slot + j for j in range(n))):
+            return None
+        run = out[rows[0]:rows[0] + n].reshape(-1)
+        return run if run.data_ptr() % ALIGNMENT == 0 else None
 
     def _load(self, copy: Copy, out: torch.Tensor, keep: torch.Tensor | None) -> None:
         """Copy a pinned copy into ``out`` as a raw block, decoding on the way; ``keep`` (when given, at least
