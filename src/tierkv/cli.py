@@ -35,13 +35,14 @@ def _info(_args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the benchmark owns its options (argparse's REMAINDER drops leading "-" ones)
-        from .bench.tier import main as bench_main
+        from .bench.main import main as bench_main
 
         return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tierkv", description="Tiered KV-cache block store.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, native module status, disk backends, settings").set_defaults(func=_info)
-    sub.add_parser("bench", help="tier bandwidth benchmark (options: tierkv bench --help; docs/benchmark.md)")
+    sub.add_parser("bench", help="the benchmark: default run, or paths | trace | tiers (tierkv bench --help; "
+                                 "docs/benchmark.md)")
     args = parser.parse_args(argv)
     return args.func(args)
 

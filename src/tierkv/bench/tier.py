@@ -1,4 +1,4 @@
-"""Tier bandwidth benchmark (``tierkv bench``): put/get GB/s of each tier beside a ceiling from the same run.
+"""Tier bandwidth benchmark (``tierkv bench tiers``): put/get GB/s of each tier beside a ceiling from the same run.
 
 Each tier is measured on its own store and compared with the plainest way to move the same bytes on this
 machine, timed in the same run, interleaved with the store's timings and with the same number of repeats
@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -47,6 +45,7 @@ from .codec import bench_codec, bench_disk_codec, bench_lookup
 from .overlap import bench_async
 from .policy import bench_policies
 from .progress import Progress
+from .report import describe_machine, filesystem_of, format_table, write_json
 
 __all__ = ["main"]
 
@@ -88,8 +87,9 @@ class Options:
 
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tierkv bench",
-        description="Put/get GB/s of each tierkv tier beside memcpy / raw O_DIRECT ceilings from the same run.",
+        prog="tierkv bench tiers",
+        description="One layout: put/get GB/s of each tier beside memcpy / raw O_DIRECT ceilings from the same run, "
+                    "and the component checks (block_keys, codecs, lookup_tokens, policy, write-behind).",
     )
     p.add_argument("--layers", type=int, default=32, help="layers per block (default: 32, Llama-3-8B)")
     p.add_argument("--kv-heads", type=int, default=8, help="KV heads (default: 8)")
@@ -562,7 +562,7 @@ def check_free_space(directory: Path, needed: int) -> None:
 
 
 def bench_disk_tier(opts: Options, cpu_bufs: Buffers, workdir: Path, rng: np.random.Generator,
-                    progress: Progress) -> tuple[dict[str, Any], list[PathResult]]:
+                    progress: Progress, backend: str = "auto") -> tuple[dict[str, Any], list[PathResult]]:
     """Disk tier alone: put straight to disk + flush, cold get; against raw O_DIRECT of the same bytes."""
     layout = opts.layout
     slot = round_up(layout.block_nbytes)
@@ -571,7 +571,7 @@ def bench_disk_tier(opts: Options, cpu_bufs: Buffers, workdir: Path, rng: np.ran
     store_dir.mkdir()
     check_free_space(workdir, disk_bytes + opts.nblocks * slot)
     config = tierkv.StoreConfig(device_bytes=0, host_bytes=0, disk_path=str(store_dir), disk_bytes=disk_bytes,
-                                io_threads=opts.threads)
+                                io_threads=opts.threads, disk_backend=backend)
     raw_src, raw_dst = slot_buffers(cpu_bufs, slot)
     with RawDisk(workdir / "raw.bin", slot, opts.nblocks, opts.threads) as raw, \
             tierkv.BlockStore(layout, config) as store:
@@ -683,84 +683,9 @@ def keys_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
             row("block_keys list[int] input (ms)", report["list_input"], "-", "info")]
 
 
-# --------------------------------------------------------------------------------------------- machine
-
-def describe_machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    cuda = torch.cuda.is_available()
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": _cpuinfo_field("model name"),
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)),
-        "memory_bytes": _meminfo_bytes("MemTotal"),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda_device": torch.cuda.get_device_name() if cuda else None,
-        "cuda_capability": ".".join(map(str, torch.cuda.get_device_capability())) if cuda else None,
-        "tierkv": tierkv.__version__,
-        "native_ops": ops.native_status(),
-    }
-
-
-def _cpuinfo_field(name: str) -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == name:
-                    return value.strip()
-    except OSError:
-        pass  # not Linux: the model is simply unknown
-    return platform.processor() or None
-
-
-def _meminfo_bytes(name: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key == name:
-                    return int(value.split()[0]) * 1024  # /proc/meminfo counts kB
-    except OSError:
-        pass
-    return None
-
-
-def filesystem_of(path: Path) -> dict[str, Any]:
-    """Mount point, device and type of the filesystem holding ``path`` (the longest matching mount)."""
-    real = os.path.realpath(path)
-    best = ("?", "/", "?")
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                dev, mount, fstype = line.split()[:3]
-                mount = mount.replace("\\040", " ")
-                inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-                if inside and len(mount) >= len(best[1]):
-                    best = (dev, mount, fstype)
-    except OSError:
-        pass
-    st = os.statvfs(path)
-    return {"path": real, "device": best[0], "mount": best[1], "type": best[2],
-            "free_bytes": st.f_bavail * st.f_frsize}
-
-
 # --------------------------------------------------------------------------------------------- report
 
 HEADER = ("path", "ours GB/s", "ceiling GB/s", "ratio", "target", "result")
-
-
-def format_table(rows: list[tuple[str, ...]]) -> str:
-    """Aligned columns: the path left-aligned, figures right-aligned."""
-    widths = [max(len(r[i]) for r in (HEADER, *rows)) for i in range(len(HEADER))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    rule = "-" * len(line(HEADER))
-    return "\n".join([line(HEADER), rule, *(line(r) for r in rows)])
 
 
 def footnotes(opts: Options, results: dict[str, Any]) -> list[str]:
@@ -807,13 +732,6 @@ def footnotes(opts: Options, results: dict[str, Any]) -> list[str]:
     for tier, section in results["tiers"].items():
         notes += [f"{tier}: {n}" for n in section["notes"]]
     return notes
-
-
-def write_json(path: Path, results: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)  # never leave a half-written result behind
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -898,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
                 "verified": not failures, "verify_failures": failures}
     write_json(opts.out, document)
     print()
-    print(format_table(rows))
+    print(format_table(HEADER, rows))
     print()
     for note in footnotes(opts, results):
         print(f"  * {note}")
