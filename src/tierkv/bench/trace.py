@@ -83,7 +83,12 @@ class TraceOptions:
 
     def store_config(self, name: str, disk_path: Path) -> tierkv.StoreConfig:
         if name == "tiered":
-            return tierkv.StoreConfig(device_bytes=self.device_bytes, host_bytes=self.host_bytes,
+            device, host = self.device_bytes, self.host_bytes
+            if not torch.cuda.is_available():
+                # No HBM here: a "device" tier would be host memory too, and promoting every host hit into it
+                # (pushing another block down) would only add copies. Its bytes join the host tier.
+                device, host = 0, device + host
+            return tierkv.StoreConfig(device_bytes=device, host_bytes=host,
                                       disk_path=str(disk_path) if self.disk_bytes else None,
                                       disk_bytes=self.disk_bytes, io_threads=self.threads)
         if name == "dram-only":
@@ -331,6 +336,8 @@ def footnotes(results: dict[str, Any]) -> list[str]:
              "no queueing. hit dev/host/disk = share of prompt blocks served from each tier.",
              "vs recompute / vs dram-only = mean TTFT over mean TTFT without a cache / with one DRAM tier of the "
              "same total bytes."]
+    if not torch.cuda.is_available():
+        notes.append("no CUDA device: the tiered store's device bytes joined its host tier (there is no HBM here)")
     for config, why in results.get("skipped_configs", {}).items():
         notes.append(f"{config}: {why}")
     costs = []
