@@ -88,9 +88,13 @@ def open_private_file(path: str, flags: int, what: str, owners: frozenset[int] |
         owners = frozenset((os.stat(os.path.dirname(path) or ".").st_uid, os.geteuid()))
     try:
         fd = os.open(path, flags | _NOFOLLOW | _CLOEXEC, 0o600)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP and os.path.islink(path):
-            _refuse(path, what, os.lstat(path), owners)
+    except OSError:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):  # a symlink (ELOOP), a directory (EISDIR), ...
+            _refuse(path, what, st, owners)
         raise
     try:
         st = os.fstat(fd)
