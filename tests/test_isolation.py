@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
 
 import lmdb
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 
 import tierkv
 import tierkv.index
-from conftest import (assert_bit_equal, block_for_key, blocks_for_keys, make_blocks, make_keys, round_up,
-                      tiny_layout)
+from conftest import assert_bit_equal, blocks_for_keys, make_blocks, make_keys, round_up, tiny_layout
 from tierkv.integrations.vllm.keys import Keyspace
 
 LAYOUT = tiny_layout()
@@ -391,13 +390,13 @@ def test_a_symlink_inside_disk_path_is_refused(tmp_path, victim, name, target, e
         keys, blocks = fill(path)
         p = path / name
         if p.is_dir():
-            import shutil
             shutil.rmtree(p)
         else:
             p.unlink()
     else:
         path.mkdir(mode=0o700)
-        (path / "index.lmdb").mkdir(mode=0o700) if "/" in name else None
+        if "/" in name:
+            (path / "index.lmdb").mkdir(mode=0o700)
     pointee = {"file": victim / "secret", "directory": victim, "dangling": victim / "created-by-the-store"}[target]
     (path / name).symlink_to(pointee)
     before = untouched(victim)
