@@ -93,6 +93,8 @@ class StoreConfig:
             object.__setattr__(self, "disk_path", os.fspath(self.disk_path))
             if self.disk_path == "":
                 raise ValueError("expected a non-empty disk_path (or None to disable the disk tier), got ''")
+            if "\0" in self.disk_path:  # else os.open's bare "embedded null byte" when the store opens it
+                raise ValueError(f"expected a disk_path without NUL characters, got {self.disk_path!r}")
             if self.disk_bytes == 0:
                 raise ValueError(f"expected disk_bytes > 0 with disk_path={self.disk_path!r}, got disk_bytes=0")
         elif self.disk_bytes:

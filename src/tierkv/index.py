@@ -16,12 +16,16 @@ from dataclasses import dataclass
 
 import lmdb
 
+from ._fs import check_private_file, private_subdirectory, tighten
 from .errors import LayoutMismatch
 
 __all__ = ["DiskIndex", "IndexRecord", "FORMAT_VERSION"]
 
+# The on-disk format (data file slots, record layout, header fields). A directory written with another version is
+# refused with LayoutMismatch naming both, never read: bump this whenever old files would be misread.
 FORMAT_VERSION = 1
 _HEADER_KEY = b"header"
+_LMDB_FILES = ("data.mdb", "lock.mdb")
 # slot, payload bytes, codec id, xxh3-64 checksum, last access (unix time), write sequence number
 _RECORD = struct.Struct("<QQBQdQ")
 
@@ -46,11 +50,29 @@ class IndexRecord:
 class DiskIndex:
     """lmdb environment at ``<dir>/index.lmdb`` with a header (layout, format) and one record per block."""
 
-    def __init__(self, directory: str, header: dict, max_records: int) -> None:
+    def __init__(self, directory: str, header: dict, max_records: int,
+                 owners: frozenset[int] | None = None) -> None:
         path = os.path.join(directory, "index.lmdb")
-        # Commits are not fsynced one by one (a synced commit costs ~0.5 ms); flush()/close() sync explicitly.
-        self._env = lmdb.open(path, map_size=max(64 << 20, max_records * 512), max_dbs=2, subdir=True,
-                              sync=False, metasync=False, mode=0o700)
+        owners = frozenset((os.stat(directory).st_uid, os.geteuid())) if owners is None else owners
+        # lmdb opens its files by name, following symlinks: check them first (the directory is the store's own,
+        # 0700, so nobody else can swap them in between), and tighten their modes after.
+        private_subdirectory(path, "the index directory", owners)
+        for name in _LMDB_FILES:
+            check_private_file(os.path.join(path, name), f"the index file {name}", owners)
+        map_size = max(64 << 20, max_records * 512)
+        try:
+            # Commits are not fsynced one by one (a synced commit costs ~0.5 ms); flush()/close() sync explicitly.
+            self._env = lmdb.open(path, map_size=map_size, max_dbs=2, subdir=True, sync=False, metasync=False,
+                                  mode=0o600)
+        except lmdb.Error as exc:  # e.g. a map larger than the address space, for an absurd disk_bytes
+            raise ValueError(f"expected an lmdb index at {path} sized for {max_records} blocks ({map_size} bytes "
+                             f"of address space), got: {exc}") from exc
+        try:
+            for name in _LMDB_FILES:
+                tighten(os.path.join(path, name), owners)
+        except BaseException:
+            self.close()
+            raise
         self._meta = self._env.open_db(b"meta")
         self._blocks = self._env.open_db(b"blocks")
         self._lock = threading.Lock()
@@ -64,15 +86,27 @@ class DiskIndex:
             if raw is None:
                 txn.put(_HEADER_KEY, json.dumps(expected, sort_keys=True).encode())
                 return
-        found = json.loads(raw)
+        try:
+            found = json.loads(raw)
+        except ValueError:  # not JSON (bytes of UTF-8 that does not parse, or not UTF-8 at all)
+            found = {"format": f"unreadable header {bytes(raw)[:40]!r}"}
+        if not isinstance(found, dict):
+            found = {"format": f"unreadable header {found!r:.40}"}
         if found != expected:
             self.close()
             raise LayoutMismatch(f"disk tier at {os.path.dirname(path)} was written with {_describe(found)}; "
                                  f"expected {_describe(expected)}. Use another disk_path or the same layout.")
 
     def records(self) -> dict[bytes, IndexRecord]:
+        """Every well-formed record; a record of another size (damaged) is skipped and staged for removal."""
+        found: dict[bytes, IndexRecord] = {}
         with self._env.begin(db=self._blocks) as txn:
-            return {bytes(k): IndexRecord.unpack(bytes(v)) for k, v in txn.cursor()}
+            for k, v in txn.cursor():
+                if len(v) == _RECORD.size:
+                    found[bytes(k)] = IndexRecord.unpack(bytes(v))
+                else:
+                    self.stage(bytes(k), None)
+        return found
 
     def stage(self, key: bytes, record: IndexRecord | None) -> None:
         """Queue a record (None: a removal) for the next commit; the last one staged for a key wins."""

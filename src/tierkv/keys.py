@@ -7,7 +7,8 @@ block *and* everything before it, so "how much of this prompt is cached" is a lo
 from __future__ import annotations
 
 import array
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set as AbstractSet
+from typing import Any, Iterator
 
 import numpy as np
 import xxhash
@@ -41,7 +42,7 @@ def block_keys(token_ids: Any, block_tokens: int = 16, salt: bytes = b"") -> lis
     block_tokens = _check_block_tokens(block_tokens)
     root = root_key(salt)
     module = ops.native()
-    if module is None:
+    if module is None or block_tokens > len(tokens):  # no full block; the native chain would size a buffer for one
         return _chain(tokens, block_tokens, root)
     return module.block_keys(tokens, block_tokens, root)
 
@@ -78,7 +79,14 @@ def _check_block_tokens(block_tokens: Any) -> int:
 
 
 def _sequence_as_uint32(token_ids: Any) -> np.ndarray:
-    """Python ints -> uint32 in one C-level pass (``array`` checks type and range as it converts)."""
+    """Python ints -> uint32 in one C-level pass (``array`` checks type and range as it converts).
+
+    Python bools are ints (``True == 1``) and pass, as ``int(True)`` would; bool *arrays* are refused, because
+    there the dtype says the values are not token ids (checking every list item's type would triple the cost).
+    """
+    if isinstance(token_ids, (AbstractSet, Mapping)) or not isinstance(token_ids, Iterable):
+        # a set has no order, a dict's values are not its keys: neither is a prompt
+        raise TypeError(f"expected a 1-D sequence of token ids, got {type(token_ids).__name__}")
     if not isinstance(token_ids, Sequence):
         token_ids = list(token_ids)
     try:
@@ -105,12 +113,14 @@ def _as_uint32(token_ids: Any) -> np.ndarray:
             and token_ids.flags.c_contiguous:
         return token_ids
     if hasattr(token_ids, "detach") and hasattr(token_ids, "cpu"):  # a torch tensor, without importing torch
+        if token_ids.device.type == "meta":  # has no values to hash (.cpu() would raise NotImplementedError)
+            raise ValueError(f"expected a token tensor with data (cpu or cuda), got device {token_ids.device}")
         if token_ids.is_floating_point() or token_ids.is_complex() or str(token_ids.dtype) == "torch.bool":
             raise TypeError(f"expected an integer token tensor, got dtype {token_ids.dtype}")
         values = token_ids.detach().cpu().numpy()
     elif isinstance(token_ids, np.ndarray):
         values = token_ids
-    elif isinstance(token_ids, (str, bytes, bytearray)):
+    elif isinstance(token_ids, (str, bytes, bytearray, memoryview, np.generic)):
         raise TypeError(f"expected a sequence of token ids, got {type(token_ids).__name__}")
     else:
         return _sequence_as_uint32(token_ids)

@@ -197,6 +197,15 @@ class TierManager:
 
     def _put(self, keys: Sequence[bytes], data: torch.Tensor, ready: "torch.cuda.Event | None") -> int:
         moves: list[Move] = []
+        rows: Sequence[int] = range(len(keys))
+        if len(set(keys)) != len(keys):
+            # A key named twice in one put: its first block is stored and the later ones are ignored, whatever
+            # order the policy walks the batch in (the chain keeps each key at its first place, with no cycle).
+            first: dict[bytes, int] = {}
+            for i, key in enumerate(keys):
+                first.setdefault(key, i)
+            rows = sorted(first.values())
+            keys = [keys[i] for i in rows]
         with self._lock:
             # Prefix-aware: the head of the chain is stamped last (most recent), so tails leave before heads.
             order = range(len(keys) - 1, -1, -1) if self._prefix_aware else range(len(keys))
@@ -208,7 +217,7 @@ class TierManager:
                     continue
                 entry = self._new_entry(key)
                 entry.placing = True
-                moves.append(Move(entry, data=data[i], data_codec=self._raw, ready=ready))
+                moves.append(Move(entry, data=data[rows[i]], data_codec=self._raw, ready=ready))
             self._totals.puts += len(moves)
             if self._prefix_aware:
                 self._link_chain(keys, {id(m.entry) for m in moves})

@@ -174,7 +174,10 @@ class NativePrefixIndex(PrefixIndex):
 
     def longest_prefix_tokens(self, token_ids: Any, block_tokens: int, root: bytes) -> int:
         tokens = _as_uint32(token_ids)
-        return self._index.longest_prefix_tokens(tokens, _check_block_tokens(block_tokens), _check_root(root))
+        block_tokens, root = _check_block_tokens(block_tokens), _check_root(root)
+        if block_tokens > len(tokens):  # no full block; the native chain would size a buffer for one anyway
+            return 0
+        return self._index.longest_prefix_tokens(tokens, block_tokens, root)
 
 
 def make_prefix_index(expected_keys: int = 1024) -> PrefixIndex:

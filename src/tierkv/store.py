@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -107,12 +108,14 @@ class BlockStore:
 
         ``blocks``: ``[len(keys), num_layers, 2, block_tokens, num_kv_heads, head_dim]`` of ``layout.dtype``,
         on any device, contiguous or not. Keys passed together form a prefix chain (each the parent of the
-        next). A key already stored keeps its stored bytes and becomes most recently used.
+        next). A key already stored keeps its stored bytes and becomes most recently used; a key named twice
+        in one call is stored with its first block (the later ones are ignored).
         Returns the number of blocks newly stored. Running out of room is not an error: the least recently
         used blocks move down a tier, and off the last one.
 
         Raises ``TypeError``/``ValueError`` (the store unchanged) for keys that are not 16-byte ``bytes``, a
-        tensor of another dtype or shape, or ``len(keys) != blocks.shape[0]``.
+        tensor of another dtype or shape, on neither a cpu nor a cuda device (``meta``), or
+        ``len(keys) != blocks.shape[0]``.
         """
         keys = self._check_keys(keys)
         data = self._check_blocks(keys, blocks)
@@ -371,7 +374,8 @@ class BlockStore:
     # -- input checks -------------------------------------------------------------------------------------------
     @staticmethod
     def _check_keys(keys: Sequence[bytes]) -> list[bytes]:
-        if isinstance(keys, (bytes, bytearray, memoryview, str)) or not hasattr(keys, "__iter__"):
+        # A set has no order, and order is the point of a chain of prefix keys.
+        if isinstance(keys, (bytes, bytearray, memoryview, str, AbstractSet)) or not hasattr(keys, "__iter__"):
             raise TypeError(f"expected a sequence of {KEY_BYTES}-byte keys, got {type(keys).__name__}")
         keys = list(keys)
         for key in keys:
@@ -387,6 +391,7 @@ class BlockStore:
             raise TypeError(f"expected blocks as a torch.Tensor, got {type(blocks).__name__}")
         if blocks.dtype != self.layout.dtype:
             raise TypeError(f"expected blocks of dtype {self.layout.dtype}, got {blocks.dtype}")
+        _check_device("blocks", blocks)
         expected = [len(keys), *self.layout.block_shape]
         if list(blocks.shape[1:]) != expected[1:]:
             raise ValueError(f"expected blocks of shape {expected}, got {list(blocks.shape)}")
@@ -403,6 +408,7 @@ class BlockStore:
             raise ValueError(f"expected out of shape {list(shape)}, got {list(out.shape)}")
         if not out.is_contiguous():
             raise ValueError("expected a contiguous out tensor, got a non-contiguous one")
+        _check_device("out", out)
 
     def _empty(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self.device.type == "cpu":  # page-aligned, so disk reads land in it directly
@@ -411,3 +417,10 @@ class BlockStore:
                 numel *= d
             return aligned_empty(numel * self.layout.dtype.itemsize).view(self.layout.dtype).view(shape)
         return torch.empty(shape, dtype=self.layout.dtype, device=self.device)
+
+
+def _check_device(name: str, t: torch.Tensor) -> None:
+    """Blocks come from, and go to, memory the store can copy: a "meta" tensor has none (copying out of it
+    fails only once the store has taken the block in; copying into it silently does nothing)."""
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"expected {name} on a cpu or cuda device, got {t.device}")

@@ -28,7 +28,7 @@ class KvikioFile:
         self.path = path
         self.size = size
         self._file = kvikio.CuFile(path, "r+")
-        self._sync_fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._sync_fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
 
     def pwrite(self, buf: torch.Tensor, offset: int) -> None:
         future = self._file.pwrite(buf, buf.numel(), offset)

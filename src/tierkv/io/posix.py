@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from .._fs import open_private_file
+
 __all__ = ["PosixFile"]
 
 log = logging.getLogger("tierkv.io")
@@ -28,20 +30,20 @@ class PosixFile:
 
     def __init__(self, path: str, size: int) -> None:
         self.path = path
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_RDWR | os.O_CREAT
         direct = getattr(os, "O_DIRECT", 0)
+        # 0600, never through a symlink, only a regular file of this user (or the directory's owner).
         try:
-            self._fd = os.open(path, flags | direct, 0o600)
+            self._fd = open_private_file(path, flags | direct, "the data file")
             self.direct = bool(direct)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-            self._fd = os.open(path, flags, 0o600)
+            self._fd = open_private_file(path, flags, "the data file")
             self.direct = False
             log.warning("%s: the filesystem refuses O_DIRECT; using buffered I/O (reads may hit the page cache)",
                         path)
         try:
-            os.fchmod(self._fd, 0o600)
             self._resize(size)
         except BaseException:
             os.close(self._fd)

@@ -16,7 +16,7 @@ POLICY_NAMES = tuple(_POLICIES)  # the built-in ones
 def resolve_policy(name: str) -> type[EvictionPolicy]:
     """The policy class called ``name``: a built-in one (POLICY_NAMES), or a dotted path to an ``EvictionPolicy``
     subclass, ``"package.module:ClassName"`` or ``"package.module.ClassName"``, constructed with no arguments."""
-    if name in _POLICIES:
+    if isinstance(name, str) and name in _POLICIES:  # (an unhashable name would raise a bare TypeError here)
         return _POLICIES[name]
     if not isinstance(name, str) or ("." not in name and ":" not in name):
         raise ValueError(f"expected policy one of {sorted(_POLICIES)} or a dotted path 'package.module:ClassName' "

@@ -2,6 +2,7 @@
 
 Directory layout (created owner-only): ``blocks.data`` (slot i at byte ``i * slot_nbytes``), ``index.lmdb/``
 (key -> slot, size, codec, checksum, last access), ``LOCK`` (held while a store has the directory open).
+``disk_path`` is resolved once; none of these names is followed through a symlink (see ``tierkv._fs``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import threading
 import torch
 import xxhash
 
+from .._fs import open_private_file, private_directory
 from .._memory import ALIGNMENT, aligned_empty, copy_bytes, round_up
 from ..errors import StoreInUse
 from ..codec import Codec
@@ -48,12 +50,12 @@ class DiskTier(SlottedTier):
         self.slot_nbytes = round_up(self.payload_nbytes)
         self.capacity_slots = capacity_bytes // self.slot_nbytes
         self.path = path
-        self._open_directory(path)
+        real, owners = self._open_directory(path)
         try:
-            self._index = DiskIndex(path, {"layout": layout.to_dict(), "slot_nbytes": self.slot_nbytes,
-                                           "codec": codec.name}, self.capacity_slots)
+            self._index = DiskIndex(real, {"layout": layout.to_dict(), "slot_nbytes": self.slot_nbytes,
+                                           "codec": codec.name}, self.capacity_slots, owners)
             try:
-                self._file = open_data_file(os.path.join(path, DATA_FILE), self.capacity_slots * self.slot_nbytes,
+                self._file = open_data_file(os.path.join(real, DATA_FILE), self.capacity_slots * self.slot_nbytes,
                                             backend)
             except BaseException:
                 self._index.close()
@@ -73,10 +75,12 @@ class DiskTier(SlottedTier):
         self._pin_staging = torch.cuda.is_available()
 
     # -- directory, lock ------------------------------------------------------------------------------------
-    def _open_directory(self, path: str) -> None:
+    def _open_directory(self, path: str) -> tuple[str, frozenset[int]]:
+        """Resolve, create (0700) and lock ``path``; returns the resolved directory and who may own its files."""
+        real, owners = private_directory(path)
         try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            self._lock_fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lock_fd = open_private_file(os.path.join(real, LOCK_FILE), os.O_RDWR | os.O_CREAT, "the LOCK file",
+                                              owners)
         except OSError as exc:
             raise ValueError(f"expected a writable directory for disk_path, got {path!r}: {exc.strerror}") from exc
         try:
@@ -87,9 +91,10 @@ class DiskTier(SlottedTier):
                 raise StoreInUse(f"disk_path {path!r} is already open by another store; close it first or use "
                                  "another directory") from None
             raise
-        if not os.access(path, os.W_OK):
+        if not os.access(real, os.W_OK):
             self._release_lock()
             raise ValueError(f"expected a writable directory for disk_path, got {path!r} (permission denied)")
+        return real, owners
 
     def _release_lock(self) -> None:
         if self._lock_fd >= 0:
