@@ -7,7 +7,9 @@ checksum, and the newer record (higher ``seq``) wins when two claim one slot.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import struct
 import threading
@@ -18,7 +20,9 @@ import lmdb
 
 from .errors import LayoutMismatch
 
-__all__ = ["DiskIndex", "IndexRecord", "FORMAT_VERSION"]
+__all__ = ["DiskIndex", "IndexRecord", "IndexWriteError", "FORMAT_VERSION"]
+
+log = logging.getLogger("tierkv.disk")
 
 FORMAT_VERSION = 1
 _HEADER_KEY = b"header"
@@ -41,6 +45,13 @@ class IndexRecord:
     @classmethod
     def unpack(cls, raw: bytes) -> "IndexRecord":
         return cls(*_RECORD.unpack(raw))
+
+
+class IndexWriteError(OSError):
+    """A commit of the index failed (lmdb map full, no space, I/O error). Its records are kept and retried by the
+    next commit; the blocks they describe stay readable in this process."""
+
+    advice: str | None = None  # what to do, where the errno alone does not say it
 
 
 class DiskIndex:
@@ -80,22 +91,67 @@ class DiskIndex:
             self._pending[key] = record
 
     def commit(self, durable: bool = False) -> None:
+        """Write the staged records in one transaction (and, ``durable``, force them to stable storage).
+
+        Raises ``IndexWriteError`` when lmdb cannot: the batch stays staged (records staged since win) and the
+        next commit retries it, so a passing failure loses nothing and deletes still reach the disk. A full map
+        is first grown (doubled) and the commit retried once.
+        """
         with self._lock:
             batch, self._pending = self._pending, {}
-            if batch:
-                with self._env.begin(write=True, db=self._blocks) as txn:
-                    for key, record in batch.items():
-                        if record is None:
-                            txn.delete(key)
-                        else:
-                            txn.put(key, record.pack())
-            if durable:
-                self._env.sync(True)
+            try:
+                if batch:
+                    try:
+                        self._write(batch)
+                    except lmdb.MapFullError:
+                        self._grow()
+                        self._write(batch)
+                if durable:
+                    self._env.sync(True)
+            except lmdb.Error as exc:
+                self._pending = {**batch, **self._pending}
+                error = IndexWriteError(_errno_of(exc), f"committing {len(batch)} records to the index failed: {exc}")
+                if isinstance(exc, lmdb.MapFullError):
+                    error.advice = ("The index's lmdb map is full and could not grow: close the store and delete "
+                                    "its index.lmdb (the disk tier then starts empty).")
+                raise error from exc
+
+    def _write(self, batch: dict[bytes, IndexRecord | None]) -> None:
+        with self._env.begin(write=True, db=self._blocks) as txn:
+            for key, record in batch.items():
+                if record is None:
+                    txn.delete(key)
+                else:
+                    txn.put(key, record.pack())
+
+    def _grow(self) -> None:
+        """Double the map (lmdb allows it with no transaction open in this process: the caller holds the lock
+        every write takes, and reads happen only at open). Raises ``lmdb.Error`` when it cannot."""
+        size = self._env.info()["map_size"] * 2
+        self._env.set_mapsize(size)
+        log.info("%s: the disk index map was full; grown to %d bytes", self._env.path(), size)
+
+    @property
+    def pending(self) -> int:
+        """Records staged and not yet committed."""
+        with self._lock:
+            return len(self._pending)
 
     def close(self) -> None:
         if self._env is not None:
             self._env.close()
             self._env = None  # type: ignore[assignment]
+
+
+def _errno_of(exc: lmdb.Error) -> int:
+    """The errno behind an lmdb failure, for the advice the store logs: lmdb reports system errors by their
+    message only."""
+    if isinstance(exc, lmdb.MapFullError):
+        return errno.ENOSPC  # no room in the map (its own advice says what to do)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        if os.strerror(code) in str(exc):
+            return code
+    return errno.EIO
 
 
 def _describe(header: dict) -> str:

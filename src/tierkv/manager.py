@@ -968,8 +968,21 @@ class TierManager:
                 raise error
 
     def _commit(self, durable: bool = False) -> None:
-        for tier in self.tiers:
-            tier.commit(durable)
+        """Commit every tier's index. A commit that fails (index map full, I/O error, failed fsync) is counted
+        and logged, never raised: the blocks stay readable in this process and the tier retries the records at
+        its next commit; only a restart before one succeeds misses them."""
+        for t, tier in enumerate(self.tiers):
+            try:
+                tier.commit(durable)
+            except OSError as error:
+                with self._lock:
+                    self._counters[t].failed_commits += 1
+                kind, advice = _advice(error)
+                self._failures.report((tier.name, "commit", kind), (
+                    f"{_where(tier)}: committing the index failed ({error}). {advice} Blocks stay readable in this "
+                    "process and their records are retried at the next commit; until one succeeds a restart does "
+                    "not find them. If this persists with space free, the index is damaged: close the store and "
+                    "delete its index.lmdb (the disk tier then starts empty)."))
 
 
 def _where(tier: Tier) -> str:

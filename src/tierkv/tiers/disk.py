@@ -243,6 +243,10 @@ class DiskTier(SlottedTier):
     def close(self) -> None:
         try:
             self.commit(durable=True)
+        except OSError as exc:
+            # Closing is not an error (the tier manager counted the failed commits); say what it costs.
+            log.warning("%s: closing with %d index records not committed (%s): those blocks are misses after a "
+                        "restart.", self.path, self._index.pending, exc)
         finally:
             self._file.close()
             self._index.close()
