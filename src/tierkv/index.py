@@ -20,9 +20,15 @@ import lmdb
 
 from .errors import LayoutMismatch
 
-__all__ = ["DiskIndex", "IndexRecord", "IndexWriteError", "FORMAT_VERSION"]
+__all__ = ["DiskIndex", "IndexRecord", "IndexWriteError", "FORMAT_VERSION", "CORRUPT_INDEX_ERRORS"]
 
 log = logging.getLogger("tierkv.disk")
+
+# What lmdb raises for files that are not (or no longer) a valid environment: garbage over the meta pages, pages
+# that point nowhere, a transaction poisoned by a bad page. Environmental errors (no space, permissions, EIO) are
+# not in this list: they say nothing about whether the index can be trusted.
+CORRUPT_INDEX_ERRORS = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.VersionMismatchError,
+                        lmdb.IncompatibleError, lmdb.BadTxnError, lmdb.PanicError)
 
 FORMAT_VERSION = 1
 _HEADER_KEY = b"header"
@@ -62,16 +68,21 @@ class DiskIndex:
         # Commits are not fsynced one by one (a synced commit costs ~0.5 ms); flush()/close() sync explicitly.
         self._env = lmdb.open(path, map_size=max(64 << 20, max_records * 512), max_dbs=2, subdir=True,
                               sync=False, metasync=False, mode=0o700)
-        self._meta = self._env.open_db(b"meta")
-        self._blocks = self._env.open_db(b"blocks")
         self._lock = threading.Lock()
         self._pending: dict[bytes, IndexRecord | None] = {}
-        self._check_header(path, header)
+        try:
+            self._meta = self._env.open_db(b"meta")
+            self._blocks = self._env.open_db(b"blocks")
+            self._check_header(path, header)
+        except BaseException:  # a damaged file fails here too: never leave the environment open behind
+            self.close()
+            raise
 
     def _check_header(self, path: str, header: dict) -> None:
         expected = {"format": FORMAT_VERSION, **header}
         with self._env.begin(write=True, db=self._meta) as txn:
             raw = txn.get(_HEADER_KEY)
+            self.created = raw is None  # a new (or lost) index: nothing on disk is described by it
             if raw is None:
                 txn.put(_HEADER_KEY, json.dumps(expected, sort_keys=True).encode())
                 return

@@ -188,6 +188,8 @@ class TierManager:
                 entry.copies[t] = Copy(t, slot, READY)
                 entry.uses = max(entry.uses, self._admit_uses)  # on disk already: it was admitted once
                 self._policies[t].insert(key, entry.stamp)
+            self._counters[t].open_faults = tier.open_faults  # recovery may have found some too
+        self._commit()  # what recovery dropped from the index (counted like any commit when it fails)
 
     # -- public operations ----------------------------------------------------------------------------------
     def put(self, keys: Sequence[bytes], data: torch.Tensor, ready: "torch.cuda.Event | None" = None) -> int:
