@@ -65,6 +65,7 @@ class DiskIndex:
 
     def __init__(self, directory: str, header: dict, max_records: int) -> None:
         path = os.path.join(directory, "index.lmdb")
+        _reserve_lock_file(path)
         # Commits are not fsynced one by one (a synced commit costs ~0.5 ms); flush()/close() sync explicitly.
         self._env = lmdb.open(path, map_size=max(64 << 20, max_records * 512), max_dbs=2, subdir=True,
                               sync=False, metasync=False, mode=0o700)
@@ -152,6 +153,29 @@ class DiskIndex:
         if self._env is not None:
             self._env.close()
             self._env = None  # type: ignore[assignment]
+
+
+# lmdb's lock file for its default 126 readers: lmdb sizes it with ftruncate (a sparse file) and writes it through
+# a shared mapping, and a store on a full filesystem then dies of SIGBUS at its first write into a hole.
+_LOCK_FILE_BYTES = 8192
+
+
+def _reserve_lock_file(path: str) -> None:
+    """Give lmdb's lock file real blocks before lmdb maps it, so that a full filesystem is a ``ValueError`` at
+    open rather than SIGBUS. lmdb keeps a lock file at least this large as it is."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(path, "lock.mdb"), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        os.posix_fallocate(fd, 0, _LOCK_FILE_BYTES)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            from .io.posix import free_space
+
+            raise ValueError(f"expected free space for the disk index at {path}, got {free_space(path)} free "
+                             f"({exc.strerror}): free space on that filesystem or choose another disk_path") from exc
+        # Anything else (a filesystem without fallocate): lmdb sizes the file itself, as it always did.
+    finally:
+        os.close(fd)
 
 
 def _errno_of(exc: lmdb.Error) -> int:
