@@ -7,7 +7,9 @@ checksum, and the newer record (higher ``seq``) wins when two claim one slot.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import struct
 import threading
@@ -16,10 +18,18 @@ from dataclasses import dataclass
 
 import lmdb
 
-from ._fs import check_private_file, private_subdirectory, tighten
+from ._fs import check_private_file, open_private_file, private_subdirectory, tighten
 from .errors import LayoutMismatch
 
-__all__ = ["DiskIndex", "IndexRecord", "FORMAT_VERSION"]
+__all__ = ["DiskIndex", "IndexRecord", "IndexWriteError", "FORMAT_VERSION", "CORRUPT_INDEX_ERRORS"]
+
+log = logging.getLogger("tierkv.disk")
+
+# What lmdb raises for files that are not (or no longer) a valid environment: garbage over the meta pages, pages
+# that point nowhere, a transaction poisoned by a bad page. Environmental errors (no space, permissions, EIO) are
+# not in this list: they say nothing about whether the index can be trusted.
+CORRUPT_INDEX_ERRORS = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.VersionMismatchError,
+                        lmdb.IncompatibleError, lmdb.BadTxnError, lmdb.PanicError)
 
 # The on-disk format (data file slots, record layout, header fields). A directory written with another version is
 # refused with LayoutMismatch naming both, never read: bump this whenever old files would be misread.
@@ -47,6 +57,13 @@ class IndexRecord:
         return cls(*_RECORD.unpack(raw))
 
 
+class IndexWriteError(OSError):
+    """A commit of the index failed (lmdb map full, no space, I/O error). Its records are kept and retried by the
+    next commit; the blocks they describe stay readable in this process."""
+
+    advice: str | None = None  # what to do, where the errno alone does not say it
+
+
 class DiskIndex:
     """lmdb environment at ``<dir>/index.lmdb`` with a header (layout, format) and one record per block."""
 
@@ -59,6 +76,7 @@ class DiskIndex:
         private_subdirectory(path, "the index directory", owners)
         for name in _LMDB_FILES:
             check_private_file(os.path.join(path, name), f"the index file {name}", owners)
+        _reserve_lock_file(path, owners)
         map_size = max(64 << 20, max_records * 512)
         try:
             # Commits are not fsynced one by one (a synced commit costs ~0.5 ms); flush()/close() sync explicitly.
@@ -73,16 +91,21 @@ class DiskIndex:
         except BaseException:
             self.close()
             raise
-        self._meta = self._env.open_db(b"meta")
-        self._blocks = self._env.open_db(b"blocks")
         self._lock = threading.Lock()
         self._pending: dict[bytes, IndexRecord | None] = {}
-        self._check_header(path, header)
+        try:
+            self._meta = self._env.open_db(b"meta")
+            self._blocks = self._env.open_db(b"blocks")
+            self._check_header(path, header)
+        except BaseException:  # a damaged file fails here too: never leave the environment open behind
+            self.close()
+            raise
 
     def _check_header(self, path: str, header: dict) -> None:
         expected = {"format": FORMAT_VERSION, **header}
         with self._env.begin(write=True, db=self._meta) as txn:
             raw = txn.get(_HEADER_KEY)
+            self.created = raw is None  # a new (or lost) index: nothing on disk is described by it
             if raw is None:
                 txn.put(_HEADER_KEY, json.dumps(expected, sort_keys=True).encode())
                 return
@@ -114,22 +137,90 @@ class DiskIndex:
             self._pending[key] = record
 
     def commit(self, durable: bool = False) -> None:
+        """Write the staged records in one transaction (and, ``durable``, force them to stable storage).
+
+        Raises ``IndexWriteError`` when lmdb cannot: the batch stays staged (records staged since win) and the
+        next commit retries it, so a passing failure loses nothing and deletes still reach the disk. A full map
+        is first grown (doubled) and the commit retried once.
+        """
         with self._lock:
             batch, self._pending = self._pending, {}
-            if batch:
-                with self._env.begin(write=True, db=self._blocks) as txn:
-                    for key, record in batch.items():
-                        if record is None:
-                            txn.delete(key)
-                        else:
-                            txn.put(key, record.pack())
-            if durable:
-                self._env.sync(True)
+            try:
+                if batch:
+                    try:
+                        self._write(batch)
+                    except lmdb.MapFullError:
+                        self._grow()
+                        self._write(batch)
+                if durable:
+                    self._env.sync(True)
+            except lmdb.Error as exc:
+                self._pending = {**batch, **self._pending}
+                error = IndexWriteError(_errno_of(exc), f"committing {len(batch)} records to the index failed: {exc}")
+                if isinstance(exc, lmdb.MapFullError):
+                    error.advice = ("The index's lmdb map is full and could not grow: close the store and delete "
+                                    "its index.lmdb (the disk tier then starts empty).")
+                raise error from exc
+
+    def _write(self, batch: dict[bytes, IndexRecord | None]) -> None:
+        with self._env.begin(write=True, db=self._blocks) as txn:
+            for key, record in batch.items():
+                if record is None:
+                    txn.delete(key)
+                else:
+                    txn.put(key, record.pack())
+
+    def _grow(self) -> None:
+        """Double the map (lmdb allows it with no transaction open in this process: the caller holds the lock
+        every write takes, and reads happen only at open). Raises ``lmdb.Error`` when it cannot."""
+        size = self._env.info()["map_size"] * 2
+        self._env.set_mapsize(size)
+        log.info("%s: the disk index map was full; grown to %d bytes", self._env.path(), size)
+
+    @property
+    def pending(self) -> int:
+        """Records staged and not yet committed."""
+        with self._lock:
+            return len(self._pending)
 
     def close(self) -> None:
         if self._env is not None:
             self._env.close()
             self._env = None  # type: ignore[assignment]
+
+
+# lmdb's lock file for its default 126 readers: lmdb sizes it with ftruncate (a sparse file) and writes it through
+# a shared mapping, and a store on a full filesystem then dies of SIGBUS at its first write into a hole.
+_LOCK_FILE_BYTES = 8192
+
+
+def _reserve_lock_file(path: str, owners: frozenset[int]) -> None:
+    """Give lmdb's lock file real blocks before lmdb maps it, so that a full filesystem is a ``ValueError`` at
+    open rather than SIGBUS. lmdb keeps a lock file at least this large as it is. Opened like every store file:
+    0600, never through a symlink."""
+    fd = open_private_file(os.path.join(path, "lock.mdb"), os.O_RDWR | os.O_CREAT, "the index file lock.mdb", owners)
+    try:
+        os.posix_fallocate(fd, 0, _LOCK_FILE_BYTES)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            from .io.posix import free_space
+
+            raise ValueError(f"expected free space for the disk index at {path}, got {free_space(path)} free "
+                             f"({exc.strerror}): free space on that filesystem or choose another disk_path") from exc
+        # Anything else (a filesystem without fallocate): lmdb sizes the file itself, as it always did.
+    finally:
+        os.close(fd)
+
+
+def _errno_of(exc: lmdb.Error) -> int:
+    """The errno behind an lmdb failure, for the advice the store logs: lmdb reports system errors by their
+    message only."""
+    if isinstance(exc, lmdb.MapFullError):
+        return errno.ENOSPC  # no room in the map (its own advice says what to do)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        if os.strerror(code) in str(exc):
+            return code
+    return errno.EIO
 
 
 def _describe(header: dict) -> str:

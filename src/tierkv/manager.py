@@ -35,6 +35,7 @@ import torch
 from ._memory import ALIGNMENT, ScratchBuffers, aligned_empty, copy_bytes
 from .codec import Codec, NoneCodec, transcode
 from .errors import BlockNotFound
+from .faultlog import FailureLog
 from .policy import make_policy
 from .prefix_index import make_prefix_index
 from .stats import LatencyHistogram, StoreStats, TierCounters, TierStats
@@ -171,7 +172,7 @@ class TierManager:
         self._index = make_prefix_index(total_slots)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._reported: set[str] = set()
+        self._failures = FailureLog(log)  # one line per kind of failure, then a summary at most once a minute
         self._clock = 0
         # Disk I/O of a batch runs on a pool; memory copies are bandwidth-bound and stay on the caller's thread.
         needs_io = any(not t.addressable for t in self.tiers)
@@ -187,6 +188,8 @@ class TierManager:
                 entry.copies[t] = Copy(t, slot, READY)
                 entry.uses = max(entry.uses, self._admit_uses)  # on disk already: it was admitted once
                 self._policies[t].insert(key, entry.stamp)
+            self._counters[t].open_faults = tier.open_faults  # recovery may have found some too
+        self._commit()  # what recovery dropped from the index (counted like any commit when it fails)
 
     # -- public operations ----------------------------------------------------------------------------------
     def put(self, keys: Sequence[bytes], data: torch.Tensor, ready: "torch.cuda.Event | None" = None) -> int:
@@ -430,7 +433,8 @@ class TierManager:
                     name=tier.name, hits=c.hits, misses=c.misses, evictions=c.evictions, promotions=c.promotions,
                     bytes_read=c.bytes_read, bytes_written=c.bytes_written, corrupt=c.corrupt,
                     failed_writes=c.failed_writes, failed_reads=c.failed_reads,
-                    not_admitted=c.not_admitted, used_blocks=used, capacity_blocks=tier.capacity_slots,
+                    not_admitted=c.not_admitted, failed_commits=c.failed_commits, open_faults=c.open_faults,
+                    used_blocks=used, capacity_blocks=tier.capacity_slots,
                     used_bytes=used * tier.slot_nbytes, capacity_bytes=tier.capacity_slots * tier.slot_nbytes)
             t = self._totals
             return StoreStats(tiers=tiers, puts=t.puts, gets=t.gets, hits=t.hits, misses=t.misses,
@@ -589,13 +593,16 @@ class TierManager:
         if isinstance(error, CorruptBlock):
             counters.corrupt += 1
             reason = f"its {tier.name} copy failed its checksum and was dropped"
-            self._report("corrupt", f"{tier.name} tier: block {entry.key.hex()} failed its checksum ({error}); "
-                         "dropped and reported as a miss. Repeated corruption points at failing storage.")
+            self._failures.report((tier.name, "corrupt"), (
+                f"{_where(tier)}: block {entry.key.hex()} failed its checksum ({error}); dropped and reported as a "
+                "miss, never returned. Repeated corruption points at failing storage: check the device."))
         else:
             counters.failed_reads += 1
             reason = f"reading its {tier.name} copy failed ({error}); the copy was dropped"
-            self._report("read-error", f"{tier.name} tier: reading block {entry.key.hex()} failed: {error}; "
-                         "dropped and reported as a miss. Check the device and the kernel log.")
+            kind, advice = _advice(error)
+            self._failures.report((tier.name, "read", kind), (
+                f"{_where(tier)}: reading block {entry.key.hex()} failed ({error}); the copy was dropped and the "
+                f"block reported as a miss. {advice}"))
         if request:
             self._count_miss()
         if entry.copies.get(copy.tier) is copy:
@@ -803,9 +810,10 @@ class TierManager:
                         self._detach(entry, copy, free_slot=True)
                 else:
                     self._counters[t].failed_writes += 1
-                    self._report(f"write-error-{tier.name}",
-                                 f"{tier.name} tier: writing block {entry.key.hex()} failed: {error}; that copy is "
-                                 "dropped (a miss, not an error). Check free space and the device.")
+                    kind, advice = _advice(error)
+                    self._failures.report((tier.name, "write", kind), (
+                        f"{_where(tier)}: writing block {entry.key.hex()} failed ({error}). {advice} The block "
+                        "stays in the tiers above where it still has a copy; otherwise it is a miss."))
                     self._detach(entry, copy, free_slot=True)
                     # A write-behind copy may have been the block's last one: its source left when it was staged.
                     self._drop_if_empty(entry)
@@ -954,14 +962,6 @@ class TierManager:
         for counters in self._counters:
             counters.misses += 1
 
-    def _report(self, kind: str, message: str) -> None:
-        """Log a failure once at WARNING (then at DEBUG): it is always counted in stats."""
-        if kind in self._reported:
-            log.debug(message)
-        else:
-            self._reported.add(kind)
-            log.warning(message + " (further ones are counted in stats() and logged at DEBUG)")
-
     # -- execution ------------------------------------------------------------------------------------------
     def _run(self, tasks: list[Callable[[], None]], parallel: bool, to_device: bool = False,
              after: Sequence["torch.cuda.Event | None"] = ()) -> list[BaseException | None]:
@@ -994,5 +994,37 @@ class TierManager:
                 raise error
 
     def _commit(self, durable: bool = False) -> None:
-        for tier in self.tiers:
-            tier.commit(durable)
+        """Commit every tier's index. A commit that fails (index map full, I/O error, failed fsync) is counted
+        and logged, never raised: the blocks stay readable in this process and the tier retries the records at
+        its next commit; only a restart before one succeeds misses them."""
+        for t, tier in enumerate(self.tiers):
+            try:
+                tier.commit(durable)
+            except OSError as error:
+                with self._lock:
+                    self._counters[t].failed_commits += 1
+                kind, advice = _advice(error)
+                self._failures.report((tier.name, "commit", kind), (
+                    f"{_where(tier)}: committing the index failed ({error}). {advice} Blocks stay readable in this "
+                    "process and their records are retried at the next commit; until one succeeds a restart does "
+                    "not find them. If this persists with space free, the index is damaged: close the store and "
+                    "delete its index.lmdb (the disk tier then starts empty)."))
+
+
+def _where(tier: Tier) -> str:
+    path = tier.describe().get("path")
+    return f"{tier.name} tier at {path}" if path else f"{tier.name} tier"
+
+
+def _advice(error: BaseException) -> tuple[str, str]:
+    """The kind of an I/O failure (one log line per kind) and what an operator can do about it."""
+    advice = getattr(error, "advice", None)
+    if advice:
+        return "other", advice
+    code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "full", "The disk is full: free space on that filesystem or lower disk_bytes."
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "read-only", ("The disk is not writable: remount the filesystem read-write or fix the permissions "
+                             "of disk_path.")
+    return "io", "Check the device and the kernel log (dmesg)."

@@ -7,7 +7,8 @@
 Every scrape reads ``store.stats()`` once; nothing is sampled in between. Names (``tierkv_`` prefix by default):
 per tier, with label ``tier``: ``tier_hits_total``, ``tier_misses_total``, ``tier_evictions_total``,
 ``tier_promotions_total``, ``tier_read_bytes_total``, ``tier_written_bytes_total``, ``tier_corrupt_total``,
-``tier_failed_writes_total``, ``tier_failed_reads_total``, ``tier_not_admitted_total``, gauges
+``tier_failed_writes_total``, ``tier_failed_reads_total``, ``tier_not_admitted_total``,
+``tier_failed_commits_total``, ``tier_open_faults_total``, gauges
 ``tier_used_blocks``, ``tier_capacity_blocks``, ``tier_used_bytes``, ``tier_capacity_bytes``, ``tier_hit_rate``;
 store-wide ``puts_total``, ``gets_total``, ``hits_total``, ``misses_total``, ``dropped_total``,
 ``deletes_total``, ``orphaned_total``, ``prefetched_total``, gauges ``blocks`` and ``pending_writes``; and the
@@ -37,7 +38,9 @@ _TIER_COUNTERS = [("hits", "hits", "blocks served to get() from this tier"),
                   ("corrupt", "corrupt", "copies dropped because their checksum failed"),
                   ("failed_writes", "failed_writes", "writes that failed (that copy was dropped)"),
                   ("failed_reads", "failed_reads", "reads that failed (that copy was dropped)"),
-                  ("not_admitted", "not_admitted", "blocks refused by this tier's admission rule")]
+                  ("not_admitted", "not_admitted", "blocks refused by this tier's admission rule"),
+                  ("failed_commits", "failed_commits", "index commits that failed (retried at the next one)"),
+                  ("open_faults", "open_faults", "faults found when the tier was opened (see the log)")]
 _TIER_GAUGES = [("used_blocks", "blocks stored in this tier"), ("capacity_blocks", "blocks this tier can hold"),
                 ("used_bytes", "bytes of slots in use"), ("capacity_bytes", "bytes of slots in all"),
                 ("hit_rate", "hits / (hits + misses) of this tier")]

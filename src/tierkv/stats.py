@@ -102,6 +102,9 @@ class TierCounters:
     failed_writes: int = 0  # writes that failed (ENOSPC, EIO, ...): that copy was dropped
     failed_reads: int = 0   # reads that failed (EIO, short read): that copy was dropped
     not_admitted: int = 0   # blocks pushed down to this tier but refused by its admission rule (fell off)
+    failed_commits: int = 0  # index commits that failed (map full, I/O error): retried at the next commit
+    open_faults: int = 0    # faults found when the tier was opened (unreadable or missing index, truncated
+                            # data file, space that could not be reserved); each is logged with what to do
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,8 @@ class TierStats:
     used_bytes: int
     capacity_bytes: int
     not_admitted: int = 0
+    failed_commits: int = 0
+    open_faults: int = 0
 
     @property
     def hit_rate(self) -> float:

@@ -24,6 +24,8 @@ class DataFile(Protocol):
     path: str
     size: int
     direct: bool
+    found_size: int  # bytes the file had when opened, before it was sized
+    reserve_error: "OSError | None"  # why its space could not be reserved at open (it is sparse then)
 
     def pwrite(self, buf: torch.Tensor, offset: int) -> None: ...
     def pwritev(self, bufs: list[torch.Tensor], offset: int) -> None: ...

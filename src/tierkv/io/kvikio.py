@@ -24,7 +24,9 @@ class KvikioFile:
         import kvikio  # optional extra "gds"
 
         # Create, size and preallocate the file the POSIX way; kvikio then opens it for data.
-        PosixFile(path, size).close()
+        posix = PosixFile(path, size)
+        posix.close()
+        self.found_size, self.reserve_error = posix.found_size, posix.reserve_error
         self.path = path
         self.size = size
         self._file = kvikio.CuFile(path, "r+")

@@ -14,7 +14,7 @@ import torch
 
 from .._fs import open_private_file
 
-__all__ = ["PosixFile"]
+__all__ = ["PosixFile", "free_space"]
 
 log = logging.getLogger("tierkv.io")
 
@@ -50,8 +50,14 @@ class PosixFile:
             raise
         self.size = size
 
+    #: size of the file when it was opened, before it was sized: slots at or past it held no data (a new file,
+    #: or one truncated since it was written)
+    found_size: int = 0
+    #: why the file's space could not be reserved at open (None when it was); it is then sparse
+    reserve_error: OSError | None = None
+
     def _resize(self, size: int) -> None:
-        current = os.fstat(self._fd).st_size
+        current = self.found_size = os.fstat(self._fd).st_size
         if current > size:
             os.ftruncate(self._fd, size)
         elif current < size:
@@ -60,8 +66,11 @@ class PosixFile:
             try:
                 os.posix_fallocate(self._fd, current, size - current)
             except OSError as exc:
-                log.warning("%s: could not preallocate %d bytes (%s); using a sparse file, writes may fail "
-                            "with ENOSPC", self.path, size, exc.strerror)
+                self.reserve_error = exc
+                log.warning("%s: could not reserve %d bytes for the disk tier (%s; %s free on that filesystem); "
+                            "using a sparse file: blocks that find no space are not kept on disk (counted in "
+                            "stats()['disk'].failed_writes). Free space or lower disk_bytes.",
+                            self.path, size - current, exc.strerror, free_space(self.path))
                 os.ftruncate(self._fd, size)
 
     def pwrite(self, buf: torch.Tensor, offset: int) -> None:
@@ -107,3 +116,12 @@ class PosixFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def free_space(path: str) -> str:
+    """Bytes available to this user on the filesystem holding ``path``, for messages ("unknown" if unknowable)."""
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return "unknown bytes"
+    return f"{st.f_bavail * st.f_frsize} bytes"

@@ -33,6 +33,8 @@ class Tier(Protocol):
     #: blocks survive close/reopen (``recover`` finds them)
     persistent: bool
     device: torch.device
+    #: faults found when the tier was opened (each logged there), for ``stats()``
+    open_faults: int
 
     @property
     def free_slots(self) -> int: ...

@@ -11,8 +11,10 @@ import fcntl
 import itertools
 import logging
 import os
+import shutil
 import threading
 
+import lmdb
 import torch
 import xxhash
 
@@ -20,8 +22,9 @@ from .._fs import open_private_file, private_directory
 from .._memory import ALIGNMENT, aligned_empty, copy_bytes, round_up
 from ..errors import StoreInUse
 from ..codec import Codec
-from ..index import DiskIndex, IndexRecord, now
+from ..index import CORRUPT_INDEX_ERRORS, DiskIndex, IndexRecord, now
 from ..io import open_data_file
+from ..io.posix import free_space
 from ..layout import KVLayout
 from .base import CorruptBlock, SlotAllocator, SlottedTier, Tier
 
@@ -30,11 +33,23 @@ __all__ = ["DiskTier"]
 log = logging.getLogger("tierkv.disk")
 
 DATA_FILE = "blocks.data"
+INDEX_DIR = "index.lmdb"
 LOCK_FILE = "LOCK"
 
 
 def checksum(buf: torch.Tensor) -> int:
     return xxhash.xxh3_64_intdigest(memoryview(buf.numpy()).cast("B"))
+
+
+def _is_corrupt_index(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says the index files are damaged."""
+    return isinstance(_root_cause(exc), CORRUPT_INDEX_ERRORS)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
 
 
 class DiskTier(SlottedTier):
@@ -50,19 +65,32 @@ class DiskTier(SlottedTier):
         self.slot_nbytes = round_up(self.payload_nbytes)
         self.capacity_slots = capacity_bytes // self.slot_nbytes
         self.path = path
+        self.open_faults = 0
         real, owners = self._open_directory(path)
         try:
-            self._index = DiskIndex(real, {"layout": layout.to_dict(), "slot_nbytes": self.slot_nbytes,
-                                           "codec": codec.name}, self.capacity_slots, owners)
+            data_path = os.path.join(real, DATA_FILE)
+            had_data = os.path.isfile(data_path) and os.path.getsize(data_path) > 0
+            self._index, self._found = self._open_index(real, {"layout": layout.to_dict(),
+                                                               "slot_nbytes": self.slot_nbytes,
+                                                               "codec": codec.name}, owners)
+            if self._index.created and had_data and not self.open_faults:
+                self._fault(f"{path}: {DATA_FILE} has no index ({INDEX_DIR} is missing or empty), so none of its "
+                            "blocks can be verified: the disk tier starts empty and overwrites them. Nothing to do "
+                            "unless the index was deleted by mistake.")
             try:
-                self._file = open_data_file(os.path.join(real, DATA_FILE), self.capacity_slots * self.slot_nbytes,
-                                            backend)
+                self._file = open_data_file(data_path, self.capacity_slots * self.slot_nbytes, backend)
+            except OSError as exc:
+                self._index.close()
+                raise ValueError(f"expected a writable disk_path with room for the data file, got {path!r}: "
+                                 f"{exc.strerror or exc} ({free_space(data_path)} free)") from exc
             except BaseException:
                 self._index.close()
                 raise
         except BaseException:
             self._release_lock()
             raise
+        if self._file.reserve_error is not None:
+            self.open_faults += 1  # logged by the data file, with the free space
         self.backend = self._file.name
         self.direct_io = self._file.direct
         self._slots = SlotAllocator(self.capacity_slots)
@@ -73,6 +101,45 @@ class DiskTier(SlottedTier):
         self._staging = threading.local()
         # Staging buffers are pinned when CUDA exists, so device<->disk copies run at DMA speed.
         self._pin_staging = torch.cuda.is_available()
+
+    # -- index at open --------------------------------------------------------------------------------------
+    def _open_index(self, path: str, header: dict, owners: frozenset[int]
+                    ) -> tuple[DiskIndex, dict[bytes, IndexRecord]]:
+        """The index and its records. An index lmdb cannot read (garbage over its files, a damaged page) is moved
+        aside to ``index.lmdb.corrupt`` and a new, empty one is made: without a trustworthy index no block of the
+        data file can be verified, so the tier starts empty (fail closed) rather than refusing to open. Other
+        failures (no space, permissions) are a ``ValueError`` naming the path: the directory is unusable."""
+        try:
+            try:
+                index = DiskIndex(path, header, self.capacity_slots, owners)
+                try:
+                    return index, index.records()
+                except BaseException:
+                    index.close()
+                    raise
+            except Exception as exc:
+                if not _is_corrupt_index(exc):
+                    raise
+                damage = exc
+            aside = os.path.join(path, INDEX_DIR + ".corrupt")
+            shutil.rmtree(aside, ignore_errors=True)  # keep only the latest one for inspection
+            os.replace(os.path.join(path, INDEX_DIR), aside)
+            self._fault(f"{path}: the disk index is unreadable ({_root_cause(damage)}); moved aside to {aside} and "
+                        f"started an empty disk tier (its blocks cannot be verified without it). Check the device "
+                        f"if this recurs; delete {aside} when done with it.")
+            index = DiskIndex(path, header, self.capacity_slots, owners)
+            return index, {}
+        except lmdb.Error as exc:
+            raise ValueError(f"expected a writable disk_path with room for the index, got {path!r}: {exc} "
+                             f"({free_space(path)} free)") from exc
+        except OSError as exc:
+            raise ValueError(f"expected a writable disk_path, got {path!r}: the index could not be set up "
+                             f"({exc})") from exc
+
+    def _fault(self, message: str) -> None:
+        """A fault found at open: counted (``stats()['disk'].open_faults``) and logged once, with what to do."""
+        self.open_faults += 1
+        log.warning(message)
 
     # -- directory, lock ------------------------------------------------------------------------------------
     def _open_directory(self, path: str) -> tuple[str, frozenset[int]]:
@@ -208,10 +275,18 @@ class DiskTier(SlottedTier):
         to a newer record; return the survivors least recently used first."""
         owner: dict[int, tuple[bytes, IndexRecord]] = {}
         stale: list[bytes] = []
-        for key, rec in self._index.records().items():
+        # Slots past the end the data file had at open were lost with the bytes a truncation cut off: their
+        # records would only fail their checksums (the file has been sized again with zeros).
+        found_slots = self._file.found_size // self.slot_nbytes
+        cut: list[bytes] = []
+        found, self._found = self._found, {}
+        for key, rec in found.items():
             if (len(key) != 16 or rec.slot >= self.capacity_slots or rec.nbytes != self.payload_nbytes
                     or rec.codec != self.codec.id):
                 stale.append(key)
+                continue
+            if rec.slot >= found_slots:
+                cut.append(key)
                 continue
             previous = owner.get(rec.slot)
             if previous is not None:
@@ -221,11 +296,14 @@ class DiskTier(SlottedTier):
                     owner[rec.slot] = (key, rec)
                 continue
             owner[rec.slot] = (key, rec)
-        for key in stale:
-            self._index.stage(key, None)
+        for key in stale + cut:
+            self._index.stage(key, None)  # committed by the tier manager's first commit (counted if it fails)
         if stale:
             log.warning("%s: dropped %d index records that no longer match the data file", self.path, len(stale))
-            self._index.commit()
+        if cut:
+            self._fault(f"{self._file.path} is shorter than its index says ({self._file.found_size} bytes): dropped "
+                        f"the {len(cut)} blocks past its end (truncated by something other than tierkv?). The "
+                        "disk tier keeps serving the rest.")
         survivors = sorted(owner.values(), key=lambda kr: (kr[1].last_access, kr[1].seq))
         self._slots.claim_all([rec.slot for _, rec in survivors])
         for key, rec in survivors:
@@ -248,6 +326,10 @@ class DiskTier(SlottedTier):
     def close(self) -> None:
         try:
             self.commit(durable=True)
+        except OSError as exc:
+            # Closing is not an error (the tier manager counted the failed commits); say what it costs.
+            log.warning("%s: closing with %d index records not committed (%s): those blocks are misses after a "
+                        "restart.", self.path, self._index.pending, exc)
         finally:
             self._file.close()
             self._index.close()

@@ -20,6 +20,7 @@ class MemoryTier(SlottedTier):
 
     addressable = True
     persistent = False
+    open_faults = 0
 
     def __init__(self, name: str, capacity_bytes: int, codec: Codec, device: torch.device,
                  pinned: bool = False) -> None:
