@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from tierkv.bench import paths as paths_bench
 from tierkv.bench.main import main as bench_main
@@ -38,7 +39,8 @@ def test_every_path_is_measured_at_every_block_size(report: dict) -> None:
     kinds = {r["path"] for r in rows}
     assert {"host put", "host get (out=)", "disk put+flush", "disk get cold (out=)", "fp8 quantize",
             "fp8 dequantize", "int8 quantize", "int8 dequantize"} <= kinds
-    assert any(k.startswith("device put") for k in kinds)
+    assert any(k.startswith("device put") for k in kinds) == torch.cuda.is_available()
+    assert any(k.startswith("h2d get") for k in kinds) == torch.cuda.is_available()
     assert {r["block_bytes"] for r in rows} == {128 << 10, 256 << 10}
     for r in rows:
         for name in ("ours_gbps", "ceiling_gbps", "ratio"):

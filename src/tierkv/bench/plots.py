@@ -67,7 +67,7 @@ def plot_trace(results: dict[str, Any], out_dir: Path) -> list[str]:
 
     levels = [level for level in results["levels"] if "tiered" in level["configs"]]
     if levels:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(8.5, 4.5))
         xs = range(len(levels))
         bottom = [0.0] * len(levels)
         for tier, colour in _TIER_COLOURS.items():
@@ -80,7 +80,7 @@ def plot_trace(results: dict[str, Any], out_dir: Path) -> list[str]:
         ax.set_ylabel("share of prompt blocks (%)")
         ax.set_ylim(0, 100)
         ax.set_title("where prompt blocks came from (tiered store)")
-        ax.legend(loc="upper right")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the bars fill the axes
         fig.tight_layout()
         path = out_dir / "trace_hit_rate.png"
         fig.savefig(path, dpi=120)
