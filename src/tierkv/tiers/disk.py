@@ -122,6 +122,7 @@ class DiskTier(SlottedTier):
             buf = self._staging_buffer()
             buf[:self.payload_nbytes].copy_(src[:self.payload_nbytes])
         digest = checksum(buf[:self.payload_nbytes])
+        self._index.fence(range(slot, slot + 1))  # the slot's old record goes before its old bytes do
         self._file.pwrite(buf, slot * self.slot_nbytes)
         self._checksums[slot] = digest
 
@@ -133,6 +134,7 @@ class DiskTier(SlottedTier):
         whole = [buf[:self.slot_nbytes] for buf in bufs]
         assert all(b.numel() == self.slot_nbytes and b.data_ptr() % ALIGNMENT == 0 for b in whole), "write_run"
         digests = [checksum(b[:self.payload_nbytes]) for b in whole]
+        self._index.fence(range(first_slot, first_slot + len(whole)))  # old records go before old bytes do
         try:
             self._file.pwritev(whole, first_slot * self.slot_nbytes)
         except OSError:
@@ -194,7 +196,9 @@ class DiskTier(SlottedTier):
     def unbind(self, key: bytes, slot: int) -> None:
         if self._key_slot.get(key) == slot:
             del self._key_slot[key]
-            self._index.stage(key, None)
+            # The committed record may still name this slot: the slot must not be rewritten before the
+            # removal is committed (DiskIndex.fence), or a kill in between leaves the index lying.
+            self._index.stage(key, None, unlinked_slot=slot)
         if self._slot_key.get(slot) == key:
             del self._slot_key[slot]
 
