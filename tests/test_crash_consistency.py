@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -342,3 +343,30 @@ def test_a_reused_disk_slot_loses_its_old_index_record_before_it_is_overwritten(
         store.drain()
         assert watch.writes >= 20
         assert not watch.hazards, watch.hazards[:3]
+
+
+def test_a_block_deleted_while_it_is_read_stays_deleted_after_a_restart(tmp_path):
+    """A read restages its block's index record (last access, for LRU across restarts). It looked the key up,
+    and a delete landing before it staged the record put back the record the delete had removed: the deleted
+    block came back after a restart or, once its slot was reused, named bytes that were not its own."""
+    cfg = tierkv.StoreConfig(disk_path=str(tmp_path / "disk"), **config(0, 8, 0))
+    keys = [cw.key_of(SEED, -6, j) for j in range(2)]
+    with tierkv.BlockStore(cw.layout(), cfg) as store:
+        store.put(keys, cw.blocks_of(keys, cw.layout()))
+        disk = store._manager.tiers[-1]
+        deleter = threading.Thread(target=store.delete, args=(keys[:1],))
+
+        class DeleteAfterLookup(dict):  # another thread's delete, landing right after the read found its key
+            def get(self, slot, default=None):
+                found = super().get(slot, default)
+                if found == keys[0] and not deleter.is_alive() and deleter.ident is None:
+                    deleter.start()
+                    deleter.join(0.5)  # done by now, unless the read holds what the delete needs
+                return found
+
+        disk._slot_key = DeleteAfterLookup(disk._slot_key)
+        store.get(keys[:1])  # read before the delete: it may still return the block
+        deleter.join()
+        assert keys[0] not in store
+    check_store(tmp_path / "disk", 8, {k: cw.bytes_of(k, BLOCK) for k in keys}, {keys[1]}, {keys[0]},
+                "after a delete during a read")

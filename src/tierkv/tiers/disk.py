@@ -69,6 +69,9 @@ class DiskTier(SlottedTier):
         self._key_slot: dict[bytes, int] = {}
         self._seq = itertools.count(1)  # next() is atomic under the GIL: I/O threads stage records too
         self._staging = threading.local()
+        # Guards the key<->slot maps and the staging of their records: bind/unbind run under the manager's
+        # lock, _verify (which restages a read block's last access) on I/O threads without it.
+        self._binding = threading.Lock()
         # Staging buffers are pinned when CUDA exists, so device<->disk copies run at DMA speed.
         self._pin_staging = torch.cuda.is_available()
 
@@ -179,9 +182,10 @@ class DiskTier(SlottedTier):
         when it differs) and record the access, so the LRU order survives a restart."""
         if checksum(buf[:self.payload_nbytes]) != self._checksums[slot]:
             raise CorruptBlock(f"slot {slot} of {self._file.path}: checksum mismatch")
-        key = self._slot_key.get(slot)
-        if key is not None:
-            self._stage(key, slot)
+        with self._binding:  # a key unbound meanwhile (deleted while this read ran) must stay unindexed
+            key = self._slot_key.get(slot)
+            if key is not None:
+                self._stage(key, slot)
 
     # -- index ----------------------------------------------------------------------------------------------
     def _stage(self, key: bytes, slot: int) -> None:
@@ -189,18 +193,20 @@ class DiskTier(SlottedTier):
                                            self._checksums[slot], now(), next(self._seq)))
 
     def bind(self, key: bytes, slot: int) -> None:
-        self._slot_key[slot] = key
-        self._key_slot[key] = slot
-        self._stage(key, slot)
+        with self._binding:
+            self._slot_key[slot] = key
+            self._key_slot[key] = slot
+            self._stage(key, slot)
 
     def unbind(self, key: bytes, slot: int) -> None:
-        if self._key_slot.get(key) == slot:
-            del self._key_slot[key]
-            # The committed record may still name this slot: the slot must not be rewritten before the
-            # removal is committed (DiskIndex.fence), or a kill in between leaves the index lying.
-            self._index.stage(key, None, unlinked_slot=slot)
-        if self._slot_key.get(slot) == key:
-            del self._slot_key[slot]
+        with self._binding:
+            if self._key_slot.get(key) == slot:
+                del self._key_slot[key]
+                # The committed record may still name this slot: the slot must not be rewritten before the
+                # removal is committed (DiskIndex.fence), or a kill in between leaves the index lying.
+                self._index.stage(key, None, unlinked_slot=slot)
+            if self._slot_key.get(slot) == key:
+                del self._slot_key[slot]
 
     def recover(self) -> list[tuple[bytes, int]]:
         """Load the index: drop records that point past the file, disagree with this format, or lose a slot
