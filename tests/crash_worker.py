@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import time
 
 import torch
 
@@ -107,6 +108,23 @@ def opener(disk_path: str, config: dict, keys: list[bytes], seed: int, ready) ->
         expected = blocks_of(batch, lay)
         assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), "opener read wrong bytes"
     store.close()
+
+
+def forking_owner(disk_path: str, config: dict, pidfile: str, ready) -> None:
+    """Open the store, fork a child that outlives this process (as an engine's worker may), then wait to be
+    killed. The child does nothing but sleep; it only holds what fork() gave it."""
+    store = tierkv.BlockStore(layout(), tierkv.StoreConfig(disk_path=disk_path, **config))
+    key = key_of(0, -4, 0)
+    store.put([key], blocks_of([key], layout()))
+    store.flush()
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    with open(pidfile, "w") as f:
+        f.write(str(child))
+    ready.set()
+    time.sleep(60)
 
 
 def where(conn) -> None:

@@ -279,6 +279,21 @@ def test_kills_during_the_first_open_of_a_directory(ctx, tmp_path):
     print(f"first open: {landed} of 4 kills landed")
 
 
+def test_a_child_forked_by_a_killed_owner_does_not_keep_the_store_locked(ctx, tmp_path):
+    """The lock is a flock on ``disk_path/LOCK``; a fork()ed child shared it (O_CLOEXEC covers exec only), so a
+    worker outliving its killed parent kept the cache "already open by another store" until it exited."""
+    disk_path, pidfile = tmp_path / "disk", tmp_path / "child.pid"
+    cfg = config(16, 64, 4)
+    assert run_until_killed(ctx, cw.forking_owner, (str(disk_path), cfg, str(pidfile)), 0.0, "forking owner")
+    child = int(pidfile.read_text())
+    try:
+        os.kill(child, 0)  # the child lives on
+        key = cw.key_of(0, -4, 0)
+        check_store(disk_path, 64, {key: cw.bytes_of(key, BLOCK)}, {key}, set(), "reopened beside the child")
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # regression: a slot is never overwritten while a committed index record still points at it
 

@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import threading
+import weakref
 
 import torch
 import xxhash
@@ -29,6 +30,26 @@ log = logging.getLogger("tierkv.disk")
 
 DATA_FILE = "blocks.data"
 LOCK_FILE = "LOCK"
+
+
+# The lock fds of the disk tiers open in this process. A fork()ed child inherits them (O_CLOEXEC covers only
+# exec), and a flock lasts while any process holds its file open: a child outliving an owner killed by SIGKILL
+# would keep the directory locked ("already open by another store") until it exits. So children close their
+# copies right after fork; closing a copy does not unlock the parent's lock, only dropping the last one does.
+_lock_fds: dict[int, "weakref.ref[DiskTier]"] = {}
+_fork_hook_registered = False
+
+
+def _drop_inherited_locks() -> None:
+    for fd, ref in list(_lock_fds.items()):
+        tier = ref()
+        if tier is not None:
+            tier._lock_fd = -1  # this child never held it; its close() must not unlock the parent's lock
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _lock_fds.clear()
 
 
 def checksum(buf: torch.Tensor) -> int:
@@ -90,12 +111,18 @@ class DiskTier(SlottedTier):
                 raise StoreInUse(f"disk_path {path!r} is already open by another store; close it first or use "
                                  "another directory") from None
             raise
+        global _fork_hook_registered
+        if not _fork_hook_registered:
+            os.register_at_fork(after_in_child=_drop_inherited_locks)
+            _fork_hook_registered = True
+        _lock_fds[self._lock_fd] = weakref.ref(self)
         if not os.access(path, os.W_OK):
             self._release_lock()
             raise ValueError(f"expected a writable directory for disk_path, got {path!r} (permission denied)")
 
     def _release_lock(self) -> None:
         if self._lock_fd >= 0:
+            _lock_fds.pop(self._lock_fd, None)
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = -1
