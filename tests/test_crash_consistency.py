@@ -294,6 +294,25 @@ def test_a_child_forked_by_a_killed_owner_does_not_keep_the_store_locked(ctx, tm
         os.kill(child, signal.SIGKILL)
 
 
+def test_an_open_that_fails_in_recovery_leaves_the_directory_unlocked(tmp_path, monkeypatch):
+    """A store whose recovery raised (an index lmdb cannot read, after a power loss say) kept its disk_path
+    locked: every later open in the process was refused as "already open by another store"."""
+    cfg = tierkv.StoreConfig(disk_path=str(tmp_path / "disk"), **config(16, 64, 4))
+    key = cw.key_of(SEED, -5, 0)
+    with tierkv.BlockStore(cw.layout(), cfg) as store:
+        store.put([key], cw.blocks_of([key], cw.layout()))
+
+    def unreadable(self):
+        raise lmdb.CorruptedError("injected: the index cannot be read")
+
+    monkeypatch.setattr(tierkv.tiers.disk.DiskTier, "recover", unreadable)
+    for _ in range(2):  # the second open sees the same error, not StoreInUse
+        with pytest.raises(lmdb.CorruptedError):
+            tierkv.BlockStore(cw.layout(), cfg)
+    monkeypatch.undo()
+    check_store(tmp_path / "disk", 64, {key: cw.bytes_of(key, BLOCK)}, {key}, set(), "after two failed opens")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # regression: a slot is never overwritten while a committed index record still points at it
 
