@@ -119,10 +119,14 @@ def forking_owner(disk_path: str, config: dict, pidfile: str, ready) -> None:
     store.flush()
     child = os.fork()
     if child == 0:
+        # Code after fork() runs after the at-fork hooks: once the pid file is there, the child is past them.
+        with open(pidfile + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(pidfile + ".tmp", pidfile)
         time.sleep(60)
         os._exit(0)
-    with open(pidfile, "w") as f:
-        f.write(str(child))
+    while not os.path.exists(pidfile):
+        time.sleep(0.001)
     ready.set()
     time.sleep(60)
 
