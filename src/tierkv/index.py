@@ -1,9 +1,13 @@
 """The disk tier's persistent index in lmdb: which key lives in which slot, with its checksum.
 
 Records are written in batches, and only for blocks whose data write had completed, so the index never
-points at bytes that were not written. A crash can lose the last uncommitted batch (those blocks are misses
-after restart) but never makes the index lie: a slot reused before its old record was dropped fails the
-checksum, and the newer record (higher ``seq``) wins when two claim one slot.
+points at bytes that were not written. A slot is never overwritten while a committed record still names its old
+block: the removal of that record is committed first (:meth:`DiskIndex.fence`). So a process killed at any moment
+(SIGKILL: what lmdb committed is in the page cache and survives) leaves an index whose every record matches the
+bytes in its slot; it only loses the last uncommitted batch (those blocks are misses after restart). A power
+loss may also lose commits that were not synced (``flush``/``close`` sync); a record that then names bytes
+overwritten since fails its checksum on read (a miss, counted as corrupt), and the newer record (higher ``seq``)
+wins when two claim one slot.
 """
 from __future__ import annotations
 
@@ -93,6 +97,8 @@ class DiskIndex:
             raise
         self._lock = threading.Lock()
         self._pending: dict[bytes, IndexRecord | None] = {}
+        # Slots whose old record's removal is staged and not yet committed: not to be overwritten before it is.
+        self._unlinked: set[int] = set()
         try:
             self._meta = self._env.open_db(b"meta")
             self._blocks = self._env.open_db(b"blocks")
@@ -131,10 +137,22 @@ class DiskIndex:
                     self.stage(bytes(k), None)
         return found
 
-    def stage(self, key: bytes, record: IndexRecord | None) -> None:
-        """Queue a record (None: a removal) for the next commit; the last one staged for a key wins."""
+    def stage(self, key: bytes, record: IndexRecord | None, unlinked_slot: int | None = None) -> None:
+        """Queue a record (None: a removal) for the next commit; the last one staged for a key wins.
+        ``unlinked_slot``: the slot the key's committed record names, which must not be overwritten until this
+        commits (see :meth:`fence`)."""
         with self._lock:
             self._pending[key] = record
+            if unlinked_slot is not None:
+                self._unlinked.add(unlinked_slot)
+
+    def fence(self, slots: range) -> None:
+        """Call before writing into ``slots``: commits the staged batch when it unlinks one of them, so no
+        committed record names a slot while other bytes land in it (a kill in between would leave a record
+        whose block ``lookup`` reports and ``get`` cannot return). Not synced: enough for a killed process."""
+        with self._lock:
+            if self._unlinked and not self._unlinked.isdisjoint(slots):
+                self._commit_locked()
 
     def commit(self, durable: bool = False) -> None:
         """Write the staged records in one transaction (and, ``durable``, force them to stable storage).
@@ -144,23 +162,30 @@ class DiskIndex:
         is first grown (doubled) and the commit retried once.
         """
         with self._lock:
-            batch, self._pending = self._pending, {}
-            try:
-                if batch:
-                    try:
-                        self._write(batch)
-                    except lmdb.MapFullError:
-                        self._grow()
-                        self._write(batch)
-                if durable:
-                    self._env.sync(True)
-            except lmdb.Error as exc:
-                self._pending = {**batch, **self._pending}
-                error = IndexWriteError(_errno_of(exc), f"committing {len(batch)} records to the index failed: {exc}")
-                if isinstance(exc, lmdb.MapFullError):
-                    error.advice = ("The index's lmdb map is full and could not grow: close the store and delete "
-                                    "its index.lmdb (the disk tier then starts empty).")
-                raise error from exc
+            self._commit_locked(durable)
+
+    def _commit_locked(self, durable: bool = False) -> None:
+        batch, self._pending = self._pending, {}
+        try:
+            if batch:
+                try:
+                    self._write(batch)
+                except lmdb.MapFullError:
+                    self._grow()
+                    self._write(batch)
+            if durable:
+                self._env.sync(True)
+        except BaseException as exc:
+            self._pending = {**batch, **self._pending}  # not committed: kept for the next try (the fence stays up)
+            if not isinstance(exc, lmdb.Error):
+                raise
+            error = IndexWriteError(_errno_of(exc), f"committing {len(batch)} records to the index failed: {exc}")
+            if isinstance(exc, lmdb.MapFullError):
+                error.advice = ("The index's lmdb map is full and could not grow: close the store and delete "
+                                "its index.lmdb (the disk tier then starts empty).")
+            raise error from exc
+        # Every removal staged so far is committed (or superseded by a newer record of its key, committed too).
+        self._unlinked.clear()
 
     def _write(self, batch: dict[bytes, IndexRecord | None]) -> None:
         with self._env.begin(write=True, db=self._blocks) as txn:

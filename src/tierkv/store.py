@@ -56,8 +56,17 @@ class BlockStore:
         self.config = config
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if config.device_bytes and torch.cuda.is_available() else torch.device("cpu"))
-        self._manager = TierManager(self._open_tiers(), config.policy, config.io_threads,
-                                    disk_admit_uses=config.disk_admit_uses, writeback_bytes=config.writeback_bytes)
+        tiers = self._open_tiers()
+        try:
+            self._manager = TierManager(tiers, config.policy, config.io_threads,
+                                        disk_admit_uses=config.disk_admit_uses, writeback_bytes=config.writeback_bytes)
+        except BaseException:
+            # Recovery failed (an unreadable index, say): release what the tiers hold, the disk_path lock above
+            # all, or every later open in this process would be refused as "already open by another store".
+            for tier in tiers:
+                with contextlib.suppress(Exception):  # the recovery error is the one to report
+                    tier.close()
+            raise
         self._lossy = any(t.codec.lossy for t in self._manager.tiers)
         self._state = threading.Condition()
         self._active = 0

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import threading
+import weakref
 
 import lmdb
 import torch
@@ -35,6 +36,26 @@ log = logging.getLogger("tierkv.disk")
 DATA_FILE = "blocks.data"
 INDEX_DIR = "index.lmdb"
 LOCK_FILE = "LOCK"
+
+
+# The lock fds of the disk tiers open in this process. A fork()ed child inherits them (O_CLOEXEC covers only
+# exec), and a flock lasts while any process holds its file open: a child outliving an owner killed by SIGKILL
+# would keep the directory locked ("already open by another store") until it exits. So children close their
+# copies right after fork; closing a copy does not unlock the parent's lock, only dropping the last one does.
+_lock_fds: dict[int, "weakref.ref[DiskTier]"] = {}
+_fork_hook_registered = False
+
+
+def _drop_inherited_locks() -> None:
+    for fd, ref in list(_lock_fds.items()):
+        tier = ref()
+        if tier is not None:
+            tier._lock_fd = -1  # this child never held it; its close() must not unlock the parent's lock
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _lock_fds.clear()
 
 
 def checksum(buf: torch.Tensor) -> int:
@@ -99,6 +120,9 @@ class DiskTier(SlottedTier):
         self._key_slot: dict[bytes, int] = {}
         self._seq = itertools.count(1)  # next() is atomic under the GIL: I/O threads stage records too
         self._staging = threading.local()
+        # Guards the key<->slot maps and the staging of their records: bind/unbind run under the manager's
+        # lock, _verify (which restages a read block's last access) on I/O threads without it.
+        self._binding = threading.Lock()
         # Staging buffers are pinned when CUDA exists, so device<->disk copies run at DMA speed.
         self._pin_staging = torch.cuda.is_available()
 
@@ -158,6 +182,11 @@ class DiskTier(SlottedTier):
                 raise StoreInUse(f"disk_path {path!r} is already open by another store; close it first or use "
                                  "another directory") from None
             raise
+        global _fork_hook_registered
+        if not _fork_hook_registered:
+            os.register_at_fork(after_in_child=_drop_inherited_locks)
+            _fork_hook_registered = True
+        _lock_fds[self._lock_fd] = weakref.ref(self)
         if not os.access(real, os.W_OK):
             self._release_lock()
             raise ValueError(f"expected a writable directory for disk_path, got {path!r} (permission denied)")
@@ -165,6 +194,7 @@ class DiskTier(SlottedTier):
 
     def _release_lock(self) -> None:
         if self._lock_fd >= 0:
+            _lock_fds.pop(self._lock_fd, None)
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -194,6 +224,7 @@ class DiskTier(SlottedTier):
             buf = self._staging_buffer()
             copy_bytes(buf[:self.payload_nbytes], src[:self.payload_nbytes])
         digest = checksum(buf[:self.payload_nbytes])
+        self._index.fence(range(slot, slot + 1))  # the slot's old record goes before its old bytes do
         self._file.pwrite(buf, slot * self.slot_nbytes)
         self._checksums[slot] = digest
 
@@ -205,6 +236,7 @@ class DiskTier(SlottedTier):
         whole = [buf[:self.slot_nbytes] for buf in bufs]
         assert all(b.numel() == self.slot_nbytes and b.data_ptr() % ALIGNMENT == 0 for b in whole), "write_run"
         digests = [checksum(b[:self.payload_nbytes]) for b in whole]
+        self._index.fence(range(first_slot, first_slot + len(whole)))  # old records go before old bytes do
         try:
             self._file.pwritev(whole, first_slot * self.slot_nbytes)
         except OSError:
@@ -249,9 +281,10 @@ class DiskTier(SlottedTier):
         when it differs) and record the access, so the LRU order survives a restart."""
         if checksum(buf[:self.payload_nbytes]) != self._checksums[slot]:
             raise CorruptBlock(f"slot {slot} of {self._file.path}: checksum mismatch")
-        key = self._slot_key.get(slot)
-        if key is not None:
-            self._stage(key, slot)
+        with self._binding:  # a key unbound meanwhile (deleted while this read ran) must stay unindexed
+            key = self._slot_key.get(slot)
+            if key is not None:
+                self._stage(key, slot)
 
     # -- index ----------------------------------------------------------------------------------------------
     def _stage(self, key: bytes, slot: int) -> None:
@@ -259,16 +292,20 @@ class DiskTier(SlottedTier):
                                            self._checksums[slot], now(), next(self._seq)))
 
     def bind(self, key: bytes, slot: int) -> None:
-        self._slot_key[slot] = key
-        self._key_slot[key] = slot
-        self._stage(key, slot)
+        with self._binding:
+            self._slot_key[slot] = key
+            self._key_slot[key] = slot
+            self._stage(key, slot)
 
     def unbind(self, key: bytes, slot: int) -> None:
-        if self._key_slot.get(key) == slot:
-            del self._key_slot[key]
-            self._index.stage(key, None)
-        if self._slot_key.get(slot) == key:
-            del self._slot_key[slot]
+        with self._binding:
+            if self._key_slot.get(key) == slot:
+                del self._key_slot[key]
+                # The committed record may still name this slot: the slot must not be rewritten before the
+                # removal is committed (DiskIndex.fence), or a kill in between leaves the index lying.
+                self._index.stage(key, None, unlinked_slot=slot)
+            if self._slot_key.get(slot) == key:
+                del self._slot_key[slot]
 
     def recover(self) -> list[tuple[bytes, int]]:
         """Load the index: drop records that point past the file, disagree with this format, or lose a slot
