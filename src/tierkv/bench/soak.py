@@ -497,19 +497,17 @@ class _Worker:
         kind, future, keys = self.pending.popleft()
         try:
             result = future.result(timeout=120)  # a deadlock shows as a hung worker, never as a silent wait
+            self.c.ops[kind] += 1
+            if kind == "put_async":
+                self.c.blocks_put += result
+            elif kind == "get_async":
+                self._check("get_async", keys, result)
+            else:  # prefetch: now get what it brought up, as an engine would
+                self._get_keys(keys)
         except tierkv.BlockNotFound:
             self.c.races += 1
-            return
         except Exception as exc:  # noqa: BLE001 - counted and reported, the soak goes on
             self.run.error(kind, exc)
-            return
-        self.c.ops[kind] += 1
-        if kind == "put_async":
-            self.c.blocks_put += result
-        elif kind == "get_async":
-            self._check("get_async", keys, result)
-        else:  # prefetch: now get what it brought up, as an engine would
-            self._get_keys(keys)
 
     def _get_keys(self, keys: list[bytes]) -> None:
         store = self.run.store
@@ -538,6 +536,12 @@ class _Worker:
 
     # -- loop ---------------------------------------------------------------------------------------------------
     def __call__(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug of the driver: in the report, not only on stderr
+            self.run.error("worker", exc)
+
+    def _loop(self) -> None:
         w = self.run.workload
         table = [(w.p_put, "put", self._put), (w.p_get, "get", self._get),
                  (w.p_put_async, "put_async", lambda: self._submit("put_async")),
