@@ -410,6 +410,11 @@ class _Worker:
         self.scratch = np.empty(run.contents.words, dtype=np.uint64)
 
     # -- helpers ------------------------------------------------------------------------------------------------
+    def buffer_nbytes(self) -> int:
+        """Bytes of the buffers this worker keeps (CPU only: a GPU ``out`` is not in RSS)."""
+        kept = [self.src, self.out, *self.ring]
+        return sum(t.numel() * t.element_size() for t in kept if t is not None and t.device.type == "cpu")
+
     def _chain_buffer(self, device: torch.device | str = "cpu") -> torch.Tensor:
         layout = self.run.layout
         return torch.empty((self.run.workload.max_chain, *layout.block_shape), dtype=layout.dtype, device=device)
@@ -620,6 +625,7 @@ def run_soak(layout: tierkv.KVLayout, config_kwargs: dict[str, Any] | None = Non
         run.stop.set()
         hung = _join(pool, join_timeout_s)
         run_s = time.monotonic() - t0
+        caller_buffers = sum(w.buffer_nbytes() for w in workers)
         if not hung:
             samples.append(_sample(run, run_s, samples[-1]["cumulative"], samples[-1]["t_s"], final=True))
             final_check = _final_check(run)
@@ -649,7 +655,8 @@ def run_soak(layout: tierkv.KVLayout, config_kwargs: dict[str, Any] | None = Non
     after_threads = _store_threads()
     return _report(layout, config, threads, duration_s, sample_every_s, warmup_s, window_s, flush_every_s,
                    workload, seed, started_at, before, baseline_rss, peak_reset, prefill_s, samples, stats0, stats1,
-                   run, hung, stalls, final_check, idle, after, after_threads, closed, close_s, device, objects_start)
+                   run, hung, stalls, final_check, idle, after, after_threads, closed, close_s, device, objects_start,
+                   caller_buffers)
 
 
 def _prefill(run: _Run, total_blocks: int) -> float:
@@ -767,9 +774,8 @@ def _window_rates(samples: list[dict[str, Any]], window_s: float, nbytes: int) -
     """Ops/s and GB/s over the first and the last ``window_s`` of the run, from the cumulative counters at the
     sample nearest each window's inner edge."""
     end = samples[-1]
-    first = min((s for s in samples[1:] if s["t_s"] >= window_s - 1e-6), key=lambda s: s["t_s"], default=end)
-    last = max((s for s in samples if s["t_s"] <= end["t_s"] - window_s + 1e-6), key=lambda s: s["t_s"],
-               default=samples[0])
+    first = min(samples[1:], key=lambda s: abs(s["t_s"] - window_s), default=end)
+    last = min(samples[:-1], key=lambda s: abs(s["t_s"] - (end["t_s"] - window_s)), default=samples[0])
 
     def rate(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
         dt = max(b["t_s"] - a["t_s"], 1e-9)
@@ -786,7 +792,8 @@ def _window_rates(samples: list[dict[str, Any]], window_s: float, nbytes: int) -
 
 def _report(layout, config, threads, duration_s, sample_every_s, warmup_s, window_s, flush_every_s, workload, seed,
             started_at, before, baseline_rss, peak_reset, prefill_s, samples, stats0, stats1, run, hung, stalls,
-            final_check, idle, after, after_threads, closed, close_s, device, objects_start) -> dict[str, Any]:
+            final_check, idle, after, after_threads, closed, close_s, device, objects_start,
+            caller_buffers) -> dict[str, Any]:
     nbytes = layout.block_nbytes
     slot = _round_up(nbytes)
     device_in_rss = device.type == "cpu"
@@ -890,6 +897,9 @@ def _report(layout, config, threads, duration_s, sample_every_s, warmup_s, windo
                                     "free: what it keeps for reuse. A leak grows the first, fragmentation the "
                                     "second"},
                    "overhead_bytes": overhead, "budget": budget,
+                   # part of "requests": the source, out and put_async buffers the workers keep (an engine's own
+                   # KV buffers), so overhead - caller_buffers is what the store and the allocator added
+                   "caller_buffers_bytes": caller_buffers,
                    "formula": "overhead = peak RSS - baseline RSS - (device_bytes on CPU + host_bytes + write-behind "
                               "arena); budget = requests + scratch + bookkeeping + allocator (see overhead_budget)",
                    "note": "the disk tier is not in RSS: O_DIRECT bypasses the page cache, and page cache is never "
@@ -949,7 +959,8 @@ def format_summary(report: dict[str, Any]) -> str:
         ("memory capacities", f"{_mib(cap['memory_bytes'])} ({dev}host {_mib(cap['host_bytes'])} + write-behind "
                               f"{_mib(cap['writeback_arena_bytes'])})", ""),
         ("overhead = peak - baseline - capacities",
-         f"{_mib(m['overhead_bytes'])} (budget {_mib(m['budget']['total'])})", verdict("memory")),
+         f"{_mib(m['overhead_bytes'])} (budget {_mib(m['budget']['total'])}), of which the workers' own buffers "
+         f"{_mib(m['caller_buffers_bytes'])}", verdict("memory")),
         ("malloc in use: before open -> idle -> closed", heap,
          ("PASS" if checks["heap_open"]["ok"] and checks["heap_after_close"]["ok"] else "FAIL")
          if "heap_open" in checks else ""),
