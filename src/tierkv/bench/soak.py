@@ -679,7 +679,10 @@ def _sample(run: _Run, t: float, previous: tuple[int, int, int], previous_t: flo
     dt = max(t - previous_t, 1e-9)
     nbytes = run.layout.block_nbytes
     stats = run.store.stats()
-    sample = {"t_s": t, **_probe(), "cumulative": cumulative,
+    # CPU seconds of the whole process (all threads) and the load average: on a shared machine ops/s falls when
+    # other processes take the cores, ops per CPU second does not.
+    sample = {"t_s": t, **_probe(), "cumulative": cumulative, "cpu_s": time.process_time(),
+              "loadavg_1m": os.getloadavg()[0],
               "ops_per_s": (cumulative[0] - previous[0]) / dt if t else 0.0,
               "gb_per_s": ((cumulative[1] - previous[1]) + (cumulative[2] - previous[2])) * nbytes / GB / dt
               if t else 0.0,
@@ -781,13 +784,18 @@ def _window_rates(samples: list[dict[str, Any]], window_s: float, nbytes: int) -
         dt = max(b["t_s"] - a["t_s"], 1e-9)
         ops = b["cumulative"][0] - a["cumulative"][0]
         blocks = (b["cumulative"][1] - a["cumulative"][1]) + (b["cumulative"][2] - a["cumulative"][2])
+        cpu = b["cpu_s"] - a["cpu_s"]
         return {"from_s": a["t_s"], "to_s": b["t_s"], "ops": ops, "ops_per_s": ops / dt,
-                "gb_per_s": blocks * nbytes / GB / dt}
+                "gb_per_s": blocks * nbytes / GB / dt, "cpu_share": cpu / dt,
+                "ops_per_cpu_s": ops / cpu if cpu > 0 else None,
+                "loadavg_1m": max(s["loadavg_1m"] for s in samples if a["t_s"] <= s["t_s"] <= b["t_s"])}
 
     first_rate, last_rate = rate(samples[0], first), rate(last, end)
     return {"window_s": window_s, "first": first_rate, "last": last_rate,
             "ratio_ops": last_rate["ops_per_s"] / first_rate["ops_per_s"] if first_rate["ops_per_s"] else None,
-            "ratio_gb": last_rate["gb_per_s"] / first_rate["gb_per_s"] if first_rate["gb_per_s"] else None}
+            "ratio_gb": last_rate["gb_per_s"] / first_rate["gb_per_s"] if first_rate["gb_per_s"] else None,
+            "ratio_ops_per_cpu_s": (last_rate["ops_per_cpu_s"] / first_rate["ops_per_cpu_s"]
+                                    if first_rate["ops_per_cpu_s"] and last_rate["ops_per_cpu_s"] else None)}
 
 
 def _report(layout, config, threads, duration_s, sample_every_s, warmup_s, window_s, flush_every_s, workload, seed,
@@ -948,6 +956,12 @@ def format_summary(report: dict[str, Any]) -> str:
     f, to, tp_ = report["fds"], report["threads_os"], report["threads_py"]
     ratio = "n/a" if tp["ratio_ops"] is None else f"{tp['ratio_ops']:.2f}"
     ratio_gb = "n/a" if tp["ratio_gb"] is None else f"{tp['ratio_gb']:.2f}"
+    ratio_cpu = "n/a" if tp["ratio_ops_per_cpu_s"] is None else f"{tp['ratio_ops_per_cpu_s']:.2f}"
+
+    def window(w: dict[str, Any]) -> str:
+        per_cpu = "n/a" if w["ops_per_cpu_s"] is None else f"{w['ops_per_cpu_s']:.0f}"
+        return (f"{w['ops_per_s']:.0f} ops/s, {w['gb_per_s']:.2f} GB/s; {per_cpu} ops per CPU second, "
+                f"{w['cpu_share']:.2f} cores used, load average up to {w['loadavg_1m']:.1f}")
     hits = " / ".join(f"{n} {h}" for n, h in report["hits"].items())
     h = m["heap"]
     heap = (f"{_mib(h['before_open_in_use_bytes'])} -> {_mib(h['idle_in_use_bytes'])} -> "
@@ -972,11 +986,10 @@ def format_summary(report: dict[str, Any]) -> str:
                                          f"{to['after_close']}", verdict("threads")),
         ("Python threads start -> end", f"{tp_['start']} -> {tp_['end']}, after close {tp_['after_close']} "
                                        f"(before open {tp_['before_open']})", verdict("threads_after_close")),
-        (f"throughput first {tp['window_s']:.0f} s", f"{tp['first']['ops_per_s']:.0f} ops/s, "
-                                                    f"{tp['first']['gb_per_s']:.2f} GB/s", ""),
-        (f"throughput last {tp['window_s']:.0f} s", f"{tp['last']['ops_per_s']:.0f} ops/s, "
-                                                   f"{tp['last']['gb_per_s']:.2f} GB/s", ""),
-        ("last / first", f"{ratio} (ops), {ratio_gb} (GB/s)", verdict("throughput")),
+        (f"throughput first {tp['window_s']:.0f} s", window(tp["first"]), ""),
+        (f"throughput last {tp['window_s']:.0f} s", window(tp["last"]), ""),
+        ("last / first", f"{ratio} (ops/s), {ratio_gb} (GB/s), {ratio_cpu} (ops per CPU second)",
+         verdict("throughput")),
         ("operations", f"{report['ops_total']} ({', '.join(f'{k} {v}' for k, v in report['ops'].items() if v)})", ""),
         ("blocks put / got (verified)", f"{report['blocks_put']} / {report['blocks_got']}", ""),
         ("hits by tier", hits, ""),
