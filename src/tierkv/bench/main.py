@@ -4,6 +4,7 @@
     tierkv bench paths      GB/s of every data path beside its same-run ceiling, over block sizes and I/O threads
     tierkv bench trace      a multi-turn serving workload: per-tier hit rates, TTFT estimates, cost per 1M tokens
     tierkv bench tiers      one layout, every tier and component check in one table (the developer's view)
+    tierkv bench soak       many threads at full tier pressure for minutes: memory, fds, threads, throughput
 
 Each writes JSON with every figure and the machine's description, and PNG plots, under ``--out-dir``.
 """
@@ -24,7 +25,14 @@ from .report import describe_machine, format_table, write_json
 
 __all__ = ["main"]
 
-SUBCOMMANDS = {"paths": paths_bench.main, "trace": trace_bench.main, "tiers": tier_bench.main}
+
+def _soak_main(argv: list[str]) -> int:
+    from .soak import main as soak_main  # late: only the soak needs its /proc and malloc probes
+
+    return soak_main(argv)
+
+
+SUBCOMMANDS = {"paths": paths_bench.main, "trace": trace_bench.main, "tiers": tier_bench.main, "soak": _soak_main}
 SECTIONS = ("paths", "trace", "components")
 COMPONENTS = "keys,lookup,disk-codec,policy,async"
 

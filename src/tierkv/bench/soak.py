@@ -1003,7 +1003,7 @@ def format_summary(report: dict[str, Any]) -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tierkv.bench.soak",
+    p = argparse.ArgumentParser(prog="tierkv bench soak",
                                 description="Soak: many threads on one store at full tier pressure; memory, file "
                                             "descriptors, threads and throughput over time.")
     p.add_argument("--duration", type=float, default=120.0, help="seconds of load after the prefill (default 120)")
