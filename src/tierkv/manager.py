@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -126,6 +127,19 @@ class _Totals:
     prefetched: int = 0
 
 
+MAX_COPY_THREADS = 8            # host-memory copy threads per store: enough to approach DRAM bandwidth
+COPY_SPLIT_NBYTES = 1 << 20     # ... each given at least this much of a batch, so a thread's start pays off
+
+
+def _attempt(task: Callable[[], None]) -> BaseException | None:
+    """Run one byte-moving task; its exception (reported per block by the caller, never swallowed) or None."""
+    try:
+        task()
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return exc
+
+
 class TierManager:
     """Places blocks in an ordered list of tiers (top = fastest) and moves them between tiers.
 
@@ -174,9 +188,14 @@ class TierManager:
         self._changed = threading.Condition(self._lock)
         self._failures = FailureLog(log)  # one line per kind of failure, then a summary at most once a minute
         self._clock = 0
-        # Disk I/O of a batch runs on a pool; memory copies are bandwidth-bound and stay on the caller's thread.
+        # Disk I/O of a batch runs on a pool. Host-memory copies of a large batch are spread over a few copy
+        # threads, each one plain memcpy per block (see _run_copies); GPU copies are DMA and stay on one thread.
         needs_io = any(not t.addressable for t in self.tiers)
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="tierkv-io") if needs_io else None
+        self._copy_threads = min(MAX_COPY_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                 else (os.cpu_count() or 1))
+        self._copy_pool = (ThreadPoolExecutor(self._copy_threads - 1, thread_name_prefix="tierkv-copy")
+                           if self._copy_threads > 1 else None)
         self._recover()
 
     def _recover(self) -> None:
@@ -420,6 +439,8 @@ class TierManager:
             finally:
                 if self._pool is not None:
                     self._pool.shutdown(wait=True)
+                if self._copy_pool is not None:
+                    self._copy_pool.shutdown(wait=True)
                 for tier in self.tiers:
                     tier.close()
 
@@ -526,9 +547,12 @@ class TierManager:
             for i, error in zip(run, self._load_run([pinned[i][1] for i in run], out, run, stash)):
                 errors[i] = error
 
-        failures = self._run([(lambda run=run: load_run(run)) for run in runs],
-                             parallel=any(not self.tiers[c.tier].addressable for _, c in pinned),
-                             to_device=out.device.type == "cuda", after=[ready])
+        tasks = [(lambda run=run: load_run(run)) for run in runs]
+        disk = any(not self.tiers[c.tier].addressable for _, c in pinned)
+        if not disk and self._on_host(out.device, [self.tiers[c.tier].device for _, c in pinned]):
+            failures = self._run_copies(tasks, out.shape[1])
+        else:
+            failures = self._run(tasks, parallel=disk, to_device=out.device.type == "cuda", after=[ready])
         for run, failure in zip(runs, failures):
             if failure is not None:
                 for i in run:
@@ -738,8 +762,11 @@ class TierManager:
             return
         tier = self.tiers[t]
         tasks = [lambda move=move: self._store(tier, move.dest.slot, *self._source(move)) for move in writes]
-        errors = self._run(tasks, parallel=not tier.addressable, to_device=tier.device.type == "cuda",
-                           after=[move.ready for move in writes])
+        if tier.addressable and self._on_host(tier.device, [self._source(move)[0] for move in writes]):
+            errors = self._run_copies(tasks, tier.slot_nbytes)
+        else:
+            errors = self._run(tasks, parallel=not tier.addressable, to_device=tier.device.type == "cuda",
+                               after=[move.ready for move in writes])
         self._finish_writes(t, writes, errors)
 
     def _source(self, move: Move) -> tuple[torch.Tensor, Codec]:
@@ -756,10 +783,12 @@ class TierManager:
         interrupted = OSError(errno.ECANCELED, "staging for write-behind was interrupted")
         staged: list[BaseException | None] = [interrupted] * len(writes)
         try:
-            staged = self._run([lambda move=move, buf=buf: transcode(*self._source(move), buf[:tier.payload_nbytes],
-                                                                     tier.codec)
-                                for move, buf in zip(writes, batch.bufs)],
-                               parallel=False, to_device=False, after=[move.ready for move in writes])
+            tasks = [lambda move=move, buf=buf: transcode(*self._source(move), buf[:tier.payload_nbytes], tier.codec)
+                     for move, buf in zip(writes, batch.bufs)]
+            if self._on_host(torch.device("cpu"), [self._source(move)[0] for move in writes]):
+                staged = self._run_copies(tasks, tier.slot_nbytes)
+            else:
+                staged = self._run(tasks, parallel=False, to_device=False, after=[move.ready for move in writes])
         finally:
             behind.submit(batch, lambda: self._write_staged(t, writes, batch, staged))
 
@@ -963,6 +992,30 @@ class TierManager:
             counters.misses += 1
 
     # -- execution ------------------------------------------------------------------------------------------
+    def _run_copies(self, tasks: list[Callable[[], None]], task_nbytes: int) -> list[BaseException | None]:
+        """Host-to-host copies of a batch; returns each one's exception or None.
+
+        One memcpy runs on one core (see tierkv._memory.copy_bytes), which is far below what DRAM delivers, so a
+        batch of at least COPY_SPLIT_NBYTES per thread is split over up to MAX_COPY_THREADS threads (the caller
+        runs one share). Unlike torch's intra-op copy, the threads never wait for each other mid-copy, so busy
+        cores slow a batch down instead of stalling it."""
+        k = min(len(tasks), self._copy_threads, max(1, len(tasks) * task_nbytes // COPY_SPLIT_NBYTES))
+        if k <= 1 or self._copy_pool is None:
+            return [_attempt(task) for task in tasks]
+        groups = [tasks[i::k] for i in range(k)]
+        futures = [self._copy_pool.submit(lambda g=g: [_attempt(task) for task in g]) for g in groups[1:]]
+        results: list[BaseException | None] = [None] * len(tasks)
+        results[0::k] = [_attempt(task) for task in groups[0]]
+        for i, future in enumerate(futures, 1):
+            results[i::k] = future.result()
+        return results
+
+    @staticmethod
+    def _on_host(dest: torch.device, sources: Sequence["torch.Tensor | torch.device"]) -> bool:
+        """Whether a batch copies host memory to host memory (what _run_copies spreads over threads)."""
+        return dest.type == "cpu" and all((s if isinstance(s, torch.device) else s.device).type == "cpu"
+                                          for s in sources)
+
     def _run(self, tasks: list[Callable[[], None]], parallel: bool, to_device: bool = False,
              after: Sequence["torch.cuda.Event | None"] = ()) -> list[BaseException | None]:
         """Run byte-moving tasks (on the I/O pool when ``parallel``); returns each one's exception or None.
@@ -970,21 +1023,14 @@ class TierManager:
         On CUDA the copies run on the running thread's copy stream toward (``to_device``) or away from the
         device, after the events in ``after``, and have completed when this returns (see tierkv.transfer).
         """
-        def attempt(task: Callable[[], None]) -> BaseException | None:
-            try:
-                task()
-                return None
-            except Exception as exc:  # reported per block by the caller, never swallowed
-                return exc
-
         if parallel and self._pool is not None and len(tasks) > 1:
             def on_stream(task: Callable[[], None]) -> BaseException | None:
                 with self._streams.copying(to_device, after):
-                    return attempt(task)
+                    return _attempt(task)
 
             return list(self._pool.map(on_stream, tasks))
         with self._streams.copying(to_device, after):  # one wait for the whole batch
-            return [attempt(task) for task in tasks]
+            return [_attempt(task) for task in tasks]
 
     @staticmethod
     def _raise_unexpected(errors: list[BaseException | None]) -> None:
