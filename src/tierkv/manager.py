@@ -41,6 +41,7 @@ from .policy import make_policy
 from .prefix_index import make_prefix_index
 from .stats import LatencyHistogram, StoreStats, TierCounters, TierStats
 from .tiers.base import CorruptBlock, Tier
+from .tiers.memory import MemoryTier
 from .transfer import CopyStreams
 from .writeback import StagedBatch, WriteBehind
 
@@ -128,6 +129,7 @@ class _Totals:
 
 
 MAX_COPY_THREADS = 8            # host-memory copy threads per store: enough to approach DRAM bandwidth
+HOST_RUN_NBYTES = 4 << 20       # longest host-memory run moved by one memcpy (several runs feed the threads)
 COPY_SPLIT_NBYTES = 1 << 20     # ... each given at least this much of a batch, so a thread's start pays off
 
 
@@ -526,8 +528,18 @@ class TierManager:
         Copies in consecutive slots of a disk tier, asked for in order (a prompt put in one batch), are read
         in one request of up to READ_RUN_NBYTES each."""
         runs: list[list[int]] = []
+        host_out = out.device.type == "cpu" and out.is_contiguous()
         for i, (_, copy) in enumerate(pinned):
             tier = self.tiers[copy.tier]
+            if (runs and host_out and isinstance(tier, MemoryTier) and tier.device.type == "cpu"
+                    and not tier.codec.lossy and tier.rows(0, 1) is not None and stash[i] is None
+                    and (len(runs[-1]) + 1) * tier.slot_nbytes <= HOST_RUN_NBYTES):
+                # A host-memory run: consecutive slots into consecutive rows, one memcpy (see _host_runs).
+                j = runs[-1][-1]
+                last = pinned[j][1]
+                if last.tier == copy.tier and copy.slot == last.slot + 1 and i == j + 1 and stash[j] is None:
+                    runs[-1].append(i)
+                    continue
             if runs and not tier.addressable and (len(runs[-1]) + 1) * tier.slot_nbytes <= READ_RUN_NBYTES:
                 run = runs[-1]
                 last = pinned[run[-1]][1]
@@ -544,13 +556,17 @@ class TierManager:
             if len(run) == 1:
                 self._load(pinned[run[0]][1], out[run[0]], stash[run[0]])
                 return
+            tier = self.tiers[pinned[run[0]][1].tier]
+            if tier.addressable:  # a host-memory run
+                copy_bytes(out[run[0]:run[-1] + 1].reshape(-1), tier.rows(pinned[run[0]][1].slot, len(run)))
+                return
             for i, error in zip(run, self._load_run([pinned[i][1] for i in run], out, run, stash)):
                 errors[i] = error
 
         tasks = [(lambda run=run: load_run(run)) for run in runs]
         disk = any(not self.tiers[c.tier].addressable for _, c in pinned)
         if not disk and self._on_host(out.device, [self.tiers[c.tier].device for _, c in pinned]):
-            failures = self._run_copies(tasks, out.shape[1])
+            failures = self._run_copies(tasks, len(pinned) * out.shape[1] // max(1, len(runs)))
         else:
             failures = self._run(tasks, parallel=disk, to_device=out.device.type == "cuda", after=[ready])
         for run, failure in zip(runs, failures):
@@ -727,11 +743,14 @@ class TierManager:
         ``writes``; returns the rest (caller holds the lock)."""
         tier = self.tiers[t]
         free = min(tier.free_slots, len(candidates))
-        for move in candidates[:free]:
-            slot = tier.allocate()
-            assert slot is not None, f"{tier.name} tier reported a free slot it did not have"
+        slots = [tier.allocate() for _ in range(free)]
+        assert None not in slots, f"{tier.name} tier reported a free slot it did not have"
+        # Which blocks get room is the policy's choice; which free slot each gets is not: slots follow the
+        # blocks' order in memory, so a batch lands in runs that one memcpy or one pwritev moves (and a prompt
+        # read back in order is read in runs too).
+        for slot, move in zip(sorted(slots), sorted(candidates[:free], key=lambda m: self._source(m)[0].data_ptr())):
             move.dest = move.entry.copies[t] = Copy(t, slot, WRITING)
-            writes.append(move)
+        writes += candidates[:free]
         overflow = candidates[free:]
         while overflow:
             # Displace a block only when it is worth less than the one that needs the room; a block
@@ -763,11 +782,52 @@ class TierManager:
         tier = self.tiers[t]
         tasks = [lambda move=move: self._store(tier, move.dest.slot, *self._source(move)) for move in writes]
         if tier.addressable and self._on_host(tier.device, [self._source(move)[0] for move in writes]):
-            errors = self._run_copies(tasks, tier.slot_nbytes)
+            order = sorted(range(len(writes)), key=lambda i: writes[i].dest.slot)
+            runs = self._host_runs(tier, [self._source(writes[i]) for i in order], [writes[i].dest.slot for i in order])
+            runs = [[order[k] for k in run] for run in runs]  # back to indices of writes
+            run_errors = self._run_copies([lambda run=run: self._store_run(tier, writes, run) for run in runs],
+                                          len(writes) * tier.slot_nbytes // len(runs))
+            errors = [None] * len(writes)
+            for run, error in zip(runs, run_errors):
+                for i in run:
+                    errors[i] = error
         else:
             errors = self._run(tasks, parallel=not tier.addressable, to_device=tier.device.type == "cuda",
                                after=[move.ready for move in writes])
         self._finish_writes(t, writes, errors)
+
+    @staticmethod
+    def _host_runs(tier: Tier, sources: list[tuple[torch.Tensor, Codec]], slots: list[int]) -> list[list[int]]:
+        """Group a batch of host copies into runs of up to HOST_RUN_NBYTES that one memcpy can move: raw bytes of
+        the tier's own codec, adjacent in the source (consecutive rows of one tensor, or consecutive slots of a
+        tier) and bound for consecutive slots. Per-block bookkeeping then stops dominating small blocks (a 256 KiB
+        block copies in ~25 us, about what the Python around one copy costs)."""
+        payload = tier.payload_nbytes
+        contiguous_tier = isinstance(tier, MemoryTier) and tier.rows(0, 1) is not None
+        runs: list[list[int]] = []
+        for i, (src, codec) in enumerate(sources):
+            if runs and contiguous_tier and (len(runs[-1]) + 1) * payload <= HOST_RUN_NBYTES:
+                j = runs[-1][-1]
+                prev = sources[j][0]
+                if (codec.name == tier.codec.name and sources[j][1].name == codec.name and slots[i] == slots[j] + 1
+                        and src.is_contiguous() and prev.is_contiguous()
+                        and src.untyped_storage().data_ptr() == prev.untyped_storage().data_ptr()
+                        and src.data_ptr() == prev.data_ptr() + payload):
+                    runs[-1].append(i)
+                    continue
+            runs.append([i])
+        return runs
+
+    def _store_run(self, tier: Tier, writes: list[Move], run: list[int]) -> None:
+        """Write a run from _host_runs: one copy for the whole run, or the block alone."""
+        first = writes[run[0]]
+        src, codec = self._source(first)
+        if len(run) == 1:
+            self._store(tier, first.dest.slot, src, codec)
+            return
+        nbytes = len(run) * tier.payload_nbytes
+        whole = torch.empty(0, dtype=torch.uint8).set_(src.untyped_storage(), src.storage_offset(), (nbytes,))
+        copy_bytes(tier.rows(first.dest.slot, len(run)), whole)
 
     def _source(self, move: Move) -> tuple[torch.Tensor, Codec]:
         """The bytes a move carries and how they are encoded."""

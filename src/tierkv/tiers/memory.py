@@ -44,6 +44,13 @@ class MemoryTier(SlottedTier):
     def view(self, slot: int) -> torch.Tensor:
         return self._slab[slot]
 
+    def rows(self, first: int, count: int) -> torch.Tensor | None:
+        """Slots ``first .. first + count - 1`` as one contiguous 1-D view, or None when slots are padded (an
+        encoded block's slot is rounded up to a cache line, so consecutive payloads are not adjacent)."""
+        if self.slot_nbytes != self.payload_nbytes:
+            return None
+        return self._slab[first:first + count].reshape(-1)
+
     # non_blocking: on a GPU the copy is queued on the caller's copy stream, which the tier manager waits for
     # once per batch (see tierkv.transfer); between CPU tensors it is an ordinary synchronous copy.
     def write(self, slot: int, src: torch.Tensor) -> None:
