@@ -791,10 +791,21 @@ class TierManager:
             for run, error in zip(runs, run_errors):
                 for i in run:
                     errors[i] = error
+        elif not tier.addressable and all(self._slot_sized(tier, *self._source(move)) for move in writes):
+            # Raw blocks that already fill aligned slots (a put from page-aligned host memory, a flush from a
+            # host tier): written straight from where they are, consecutive slots in one pwritev.
+            errors = [None] * len(writes)
+            self._write_runs(tier, writes, [self._source(move)[0] for move in writes], errors)
         else:
             errors = self._run(tasks, parallel=not tier.addressable, to_device=tier.device.type == "cuda",
                                after=[move.ready for move in writes])
         self._finish_writes(t, writes, errors)
+
+    @staticmethod
+    def _slot_sized(tier: Tier, src: torch.Tensor, codec: Codec) -> bool:
+        """Whether ``src`` can be written to ``tier`` as it is: the tier's codec, host memory, a whole aligned slot."""
+        return (codec.name == tier.codec.name and src.device.type == "cpu" and src.is_contiguous()
+                and src.numel() * src.element_size() >= tier.slot_nbytes and src.data_ptr() % ALIGNMENT == 0)
 
     @staticmethod
     def _host_runs(tier: Tier, sources: list[tuple[torch.Tensor, Codec]], slots: list[int]) -> list[list[int]]:
@@ -858,28 +869,34 @@ class TierManager:
         tier = self.tiers[t]
         errors = list(staged)
         with self._latency[f"writeback.{tier.name}"].timing():
-            runs: list[list[int]] = []
-            for i in sorted((i for i, e in enumerate(errors) if e is None), key=lambda i: writes[i].dest.slot):
-                run = runs[-1] if runs else None
-                if (run is not None and writes[run[-1]].dest.slot + 1 == writes[i].dest.slot
-                        and (len(run) + 1) * tier.slot_nbytes <= WRITE_RUN_NBYTES
-                        and len(run) < _WRITE_RUN_MAX_BUFFERS):
-                    run.append(i)
-                else:
-                    runs.append([i])
-
-            def write_run(run: list[int]) -> None:
-                results = tier.write_run(writes[run[0]].dest.slot, [batch.bufs[i] for i in run])
-                for i, result in zip(run, results):
-                    errors[i] = result
-
-            failures = self._run([lambda run=run: write_run(run) for run in runs], parallel=True)
-            for run, failure in zip(runs, failures):
-                if failure is not None:
-                    for i in run:
-                        errors[i] = failure
+            self._write_runs(tier, writes, batch.bufs, errors)
             self._finish_writes(t, writes, errors)
         self._commit()
+
+    def _write_runs(self, tier: Tier, writes: list[Move], bufs: list[torch.Tensor],
+                    errors: list[BaseException | None]) -> None:
+        """Write ``bufs`` (whole, aligned slots) into the disk slots of ``writes`` whose ``errors`` entry is None,
+        consecutive slots in one request each, on the I/O pool; fills in ``errors``."""
+        runs: list[list[int]] = []
+        for i in sorted((i for i, e in enumerate(errors) if e is None), key=lambda i: writes[i].dest.slot):
+            run = runs[-1] if runs else None
+            if (run is not None and writes[run[-1]].dest.slot + 1 == writes[i].dest.slot
+                    and (len(run) + 1) * tier.slot_nbytes <= WRITE_RUN_NBYTES
+                    and len(run) < _WRITE_RUN_MAX_BUFFERS):
+                run.append(i)
+            else:
+                runs.append([i])
+
+        def write_run(run: list[int]) -> None:
+            results = tier.write_run(writes[run[0]].dest.slot, [bufs[i] for i in run])
+            for i, result in zip(run, results):
+                errors[i] = result
+
+        failures = self._run([lambda run=run: write_run(run) for run in runs], parallel=True)
+        for run, failure in zip(runs, failures):
+            if failure is not None:
+                for i in run:
+                    errors[i] = failure
 
     def _finish_writes(self, t: int, writes: list[Move], errors: list[BaseException | None]) -> None:
         """Bookkeeping once the bytes of ``writes`` have landed in tier ``t`` (or failed to)."""
