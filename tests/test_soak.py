@@ -77,8 +77,9 @@ def test_memory_stays_within_the_capacities_plus_the_documented_overhead(report:
     assert budget == overhead_budget(LAYOUT, config, THREADS, Workload())["total"]
     assert memory["peak_rss_bytes"] - memory["baseline_rss_bytes"] <= capacity + budget, memory
     # The bound must be able to see a leak: had the run kept every block a get returned, RSS would have grown by
-    # bytes_got, several times what the bound allows.
-    assert report["bytes_got"] > 4 * (capacity + budget), (report["bytes_got"], capacity + budget)
+    # bytes_got, more than the bound allows. Twice the bound, not more: the volume a 10 s run moves depends on
+    # the machine (a clean CI clone returned 4.0x the bound, this VM 5-6x), and that is no property of the store.
+    assert report["bytes_got"] > 2 * (capacity + budget), (report["bytes_got"], capacity + budget)
 
 
 def test_the_content_check_catches_a_block_of_another_key_or_offset() -> None:
