@@ -532,7 +532,7 @@ class TierManager:
         for i, (_, copy) in enumerate(pinned):
             tier = self.tiers[copy.tier]
             if (runs and host_out and isinstance(tier, MemoryTier) and tier.device.type == "cpu"
-                    and not tier.codec.lossy and tier.rows(0, 1) is not None and stash[i] is None
+                    and not tier.codec.lossy and tier.packed and stash[i] is None
                     and (len(runs[-1]) + 1) * tier.slot_nbytes <= HOST_RUN_NBYTES):
                 # A host-memory run: consecutive slots into consecutive rows, one memcpy (see _host_runs).
                 j = runs[-1][-1]
@@ -814,7 +814,7 @@ class TierManager:
         tier) and bound for consecutive slots. Per-block bookkeeping then stops dominating small blocks (a 256 KiB
         block copies in ~25 us, about what the Python around one copy costs)."""
         payload = tier.payload_nbytes
-        contiguous_tier = isinstance(tier, MemoryTier) and tier.rows(0, 1) is not None
+        contiguous_tier = isinstance(tier, MemoryTier) and tier.packed
         runs: list[list[int]] = []
         for i, (src, codec) in enumerate(sources):
             if runs and contiguous_tier and (len(runs[-1]) + 1) * payload <= HOST_RUN_NBYTES:

@@ -30,6 +30,7 @@ class MemoryTier(SlottedTier):
         # Raw blocks are whole elements already; encoded ones start on a cache line, as their scales and values
         # expect (vector loads, float32 views).
         self.slot_nbytes = round_up(codec.nbytes, 64) if codec.lossy else codec.nbytes
+        self.packed = self.slot_nbytes == self.payload_nbytes  # consecutive slots are one contiguous range
         self.capacity_slots = capacity_bytes // self.slot_nbytes
         self.device = torch.device(device)
         total = self.capacity_slots * self.slot_nbytes
@@ -47,7 +48,7 @@ class MemoryTier(SlottedTier):
     def rows(self, first: int, count: int) -> torch.Tensor | None:
         """Slots ``first .. first + count - 1`` as one contiguous 1-D view, or None when slots are padded (an
         encoded block's slot is rounded up to a cache line, so consecutive payloads are not adjacent)."""
-        if self.slot_nbytes != self.payload_nbytes:
+        if not self.packed:
             return None
         return self._slab[first:first + count].reshape(-1)
 
