@@ -152,6 +152,8 @@ def test_ttft_is_restore_plus_recompute_of_the_missed_tokens(trace_report: dict)
                 else:
                     assert r["recompute_s"] == pytest.approx(r["recompute_all_s"])
                 assert r["prompt_blocks"] == r["prompt_tokens"] // block_tokens
+                assert r["restored_bytes"] == r["hit_blocks"] * trace["block_nbytes"]
+                assert r["saved_bytes"] == r["saved_blocks"] * trace["block_nbytes"]
     assert seen_hit, "a multi-turn trace must hit the cache"
 
 

@@ -186,6 +186,7 @@ def replay(opts: TraceOptions, config_name: str, requests: list[Request], workdi
                 "restore_s": restore_s, "recompute_s": recompute_s, "ttft_s": restore_s + recompute_s,
                 "recompute_all_s": opts.prefill.seconds(0, len(req.prompt)),
                 "saved_blocks": len(new), "save_s": save_s, "error": error,
+                "restored_bytes": hit * layout.block_nbytes, "saved_bytes": len(new) * layout.block_nbytes,
             })
             if progress is not None and (i + 1) % step_every == 0 and (i + 1) // step_every <= 4:
                 rate = (i + 1) / (time.perf_counter() - started)
