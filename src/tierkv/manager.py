@@ -133,6 +133,16 @@ HOST_RUN_NBYTES = 4 << 20       # longest host-memory run moved by one memcpy (s
 COPY_SPLIT_NBYTES = 1 << 20     # ... each given at least this much of a batch, so a thread's start pays off
 
 
+def _fan_out(runs: list[list[int]], failures: list[BaseException | None], errors: list[BaseException | None]
+             ) -> None:
+    """A run's task failed as a whole: that failure becomes each of its items' error (items that succeeded or
+    failed alone inside the run keep what the task recorded)."""
+    for run, failure in zip(runs, failures):
+        if failure is not None:
+            for i in run:
+                errors[i] = failure
+
+
 def _attempt(task: Callable[[], None]) -> BaseException | None:
     """Run one byte-moving task; its exception (reported per block by the caller, never swallowed) or None."""
     try:
@@ -569,10 +579,7 @@ class TierManager:
             failures = self._run_copies(tasks, len(pinned) * out.shape[1] // max(1, len(runs)))
         else:
             failures = self._run(tasks, parallel=disk, to_device=out.device.type == "cuda", after=[ready])
-        for run, failure in zip(runs, failures):
-            if failure is not None:
-                for i in run:
-                    errors[i] = failure
+        _fan_out(runs, failures, errors)
         return errors
 
     def _load_run(self, copies: list[Copy], out: torch.Tensor, rows: list[int],
@@ -780,24 +787,22 @@ class TierManager:
                 self._write_behind(t, writes[start:start + job], behind)
             return
         tier = self.tiers[t]
-        tasks = [lambda move=move: self._store(tier, move.dest.slot, *self._source(move)) for move in writes]
-        if tier.addressable and self._on_host(tier.device, [self._source(move)[0] for move in writes]):
+        sources = [self._source(move) for move in writes]
+        errors: list[BaseException | None] = [None] * len(writes)
+        if tier.addressable and self._on_host(tier.device, [src for src, _ in sources]):
             order = sorted(range(len(writes)), key=lambda i: writes[i].dest.slot)
-            runs = self._host_runs(tier, [self._source(writes[i]) for i in order], [writes[i].dest.slot for i in order])
+            runs = self._host_runs(tier, [sources[i] for i in order], [writes[i].dest.slot for i in order])
             runs = [[order[k] for k in run] for run in runs]  # back to indices of writes
-            run_errors = self._run_copies([lambda run=run: self._store_run(tier, writes, run) for run in runs],
-                                          len(writes) * tier.slot_nbytes // len(runs))
-            errors = [None] * len(writes)
-            for run, error in zip(runs, run_errors):
-                for i in run:
-                    errors[i] = error
-        elif not tier.addressable and all(self._slot_sized(tier, *self._source(move)) for move in writes):
+            _fan_out(runs, self._run_copies([lambda run=run: self._store_run(tier, writes, run) for run in runs],
+                                            len(writes) * tier.slot_nbytes // len(runs)), errors)
+        elif not tier.addressable and all(self._slot_sized(tier, *source) for source in sources):
             # Raw blocks that already fill aligned slots (a put from page-aligned host memory, a flush from a
             # host tier): written straight from where they are, consecutive slots in one pwritev.
-            errors = [None] * len(writes)
-            self._write_runs(tier, writes, [self._source(move)[0] for move in writes], errors)
+            self._write_runs(tier, writes, [src for src, _ in sources], errors)
         else:
-            errors = self._run(tasks, parallel=not tier.addressable, to_device=tier.device.type == "cuda",
+            errors = self._run([lambda move=move, source=source: self._store(tier, move.dest.slot, *source)
+                                for move, source in zip(writes, sources)],
+                               parallel=not tier.addressable, to_device=tier.device.type == "cuda",
                                after=[move.ready for move in writes])
         self._finish_writes(t, writes, errors)
 
@@ -892,11 +897,7 @@ class TierManager:
             for i, result in zip(run, results):
                 errors[i] = result
 
-        failures = self._run([lambda run=run: write_run(run) for run in runs], parallel=True)
-        for run, failure in zip(runs, failures):
-            if failure is not None:
-                for i in run:
-                    errors[i] = failure
+        _fan_out(runs, self._run([lambda run=run: write_run(run) for run in runs], parallel=True), errors)
 
     def _finish_writes(self, t: int, writes: list[Move], errors: list[BaseException | None]) -> None:
         """Bookkeeping once the bytes of ``writes`` have landed in tier ``t`` (or failed to)."""
