@@ -21,7 +21,7 @@ from . import tier as tier_bench
 from . import trace as trace_bench
 from .models import PRESETS
 from .progress import Progress
-from .report import describe_machine, format_table, write_json
+from .report import describe_machine, format_table, verification_status, write_json
 
 __all__ = ["main"]
 
@@ -127,12 +127,7 @@ def run_default(argv: list[str]) -> int:
     for line in plots:
         print(f"  * {line}")
     print(f"\n{document['duration_s']:.1f} s; every figure in {out_dir / 'bench.json'}")
-    if failures:
-        print("\n!!! VERIFICATION FAILED: the store did not return what was put !!!", file=sys.stderr)
-        for f in failures[:20]:
-            print(f"!!! {f}", file=sys.stderr)
-        return 1
-    return 0
+    return verification_status(failures)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ from tierkv.config import parse_bytes
 
 from .models import PRESETS, ModelPreset
 from .progress import Progress
-from .report import describe_machine, format_table, write_json
+from .report import describe_machine, format_table, positive_ints, verification_status, write_json
 from .tier import (GB, Buffers, Options, PathResult, bench_disk_tier, bench_memory_tier, disk_workdir,
                    fresh_keys, make_buffers, same_bytes, timed)
 
@@ -281,20 +281,11 @@ def _sizes(text: str) -> tuple[int, ...]:
     return values
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated thread counts >= 1, got {text!r}")
-    return values
-
-
 def add_paths_arguments(p: argparse.ArgumentParser, profile: dict[str, Any]) -> None:
     p.add_argument("--block-sizes", type=_sizes, default=profile["block_sizes"],
-                   help="block sizes to sweep (default: %s)" % ",".join(f"{s >> 10}KiB" for s in profile["block_sizes"]))
-    p.add_argument("--io-threads", type=_ints, default=profile["threads"],
+                   help="block sizes to sweep (default: %s)"
+                        % ",".join(f"{s >> 10}KiB" for s in profile["block_sizes"]))
+    p.add_argument("--io-threads", type=positive_ints("thread counts"), default=profile["threads"],
                    help="disk I/O thread counts to sweep (default: %s)" % ",".join(map(str, profile["threads"])))
     p.add_argument("--total-bytes", default=f"{profile['total_bytes'] >> 20}MiB",
                    help="payload per measurement (default: %(default)s)")
@@ -374,16 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in plot_paths(results["rows"], out_dir):
             print(f"  * {line}")
     print(f"\n{document['duration_s']:.1f} s; results in {out_dir / 'paths.json'}")
-    return _exit_status(failures)
-
-
-def _exit_status(failures: list[str]) -> int:
-    if failures:
-        print("\n!!! VERIFICATION FAILED: the store did not return what was put !!!", file=sys.stderr)
-        for f in failures[:20]:
-            print(f"!!! {f}", file=sys.stderr)
-        return 1
-    return 0
+    return verification_status(failures)
 
 
 if __name__ == "__main__":

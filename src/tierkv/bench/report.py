@@ -1,18 +1,21 @@
 """What every benchmark report shares: the machine description, aligned tables and atomic JSON files."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 import tierkv
 from tierkv import ops
 
-__all__ = ["describe_machine", "filesystem_of", "format_table", "write_json", "memory_available_bytes"]
+__all__ = ["describe_machine", "filesystem_of", "format_table", "write_json", "memory_available_bytes",
+           "positive_ints", "verification_status"]
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -31,6 +34,31 @@ def write_json(path: Path, results: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, path)  # never leave a half-written result behind
+
+
+def positive_ints(what: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse ``type`` for a comma-separated list of counts >= 1 (``what`` names them in the error)."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            values = ()
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} >= 1, got {text!r}")
+        return values
+
+    return parse
+
+
+def verification_status(failures: Sequence[str], what: str = "the store did not return what was put",
+                        limit: int | None = 20) -> int:
+    """The exit status of a benchmark: 0, or 1 after printing the (first ``limit``) verification failures."""
+    if not failures:
+        return 0
+    print(f"\n!!! VERIFICATION FAILED: {what} !!!", file=sys.stderr)
+    for f in list(failures)[:limit]:
+        print(f"!!! {f}", file=sys.stderr)
+    return 1
 
 
 def memory_available_bytes() -> int | None:

@@ -45,7 +45,7 @@ from .codec import bench_codec, bench_disk_codec, bench_lookup
 from .overlap import bench_async
 from .policy import bench_policies
 from .progress import Progress
-from .report import describe_machine, filesystem_of, format_table, write_json
+from .report import describe_machine, filesystem_of, format_table, verification_status, write_json
 
 __all__ = ["main"]
 
@@ -821,12 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in footnotes(opts, results):
         print(f"  * {note}")
     print(f"\n{duration:.1f} s; results in {opts.out}")
-    if failures:
-        print("\n!!! VERIFICATION FAILED: the store did not return what was put !!!", file=sys.stderr)
-        for f in failures:
-            print(f"!!! {f}", file=sys.stderr)
-        return 1
-    return 0
+    return verification_status(failures, limit=None)
 
 
 if __name__ == "__main__":

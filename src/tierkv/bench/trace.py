@@ -37,7 +37,8 @@ from tierkv.config import parse_bytes
 
 from .models import DEFAULT_MFU, PRESETS, ModelPreset, PrefillModel, measure_prefill_flops
 from .progress import Progress
-from .report import describe_machine, format_table, memory_available_bytes, write_json
+from .report import (describe_machine, format_table, memory_available_bytes, positive_ints, verification_status,
+                     write_json)
 from .workload import Request, WorkloadShape, generate
 
 __all__ = ["TraceOptions", "run_trace", "main", "build_parser", "options_from_args", "QUICK", "FULL"]
@@ -356,16 +357,6 @@ def footnotes(results: dict[str, Any]) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- command line
 
-def _sessions(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated session counts >= 1, got {text!r}")
-    return values
-
-
 def add_trace_arguments(p: argparse.ArgumentParser, profile: dict[str, Any]) -> None:
     p.add_argument("--model", default="llama-3-8b", choices=sorted(PRESETS), help="model preset (default: %(default)s)")
     p.add_argument("--layers", type=int, help="override the preset's layers")
@@ -373,7 +364,7 @@ def add_trace_arguments(p: argparse.ArgumentParser, profile: dict[str, Any]) -> 
     p.add_argument("--head-dim", type=int, help="override the preset's head dimension")
     p.add_argument("--dtype", help="override the preset's KV dtype (e.g. float16)")
     p.add_argument("--block-tokens", type=int, default=16, help="tokens per block (default: 16)")
-    p.add_argument("--sessions", type=_sessions, default=profile["sessions"],
+    p.add_argument("--sessions", type=positive_ints("session counts"), default=profile["sessions"],
                    help="concurrent sessions to sweep, comma-separated (default: %s)"
                         % ",".join(map(str, profile["sessions"])))
     p.add_argument("--requests", type=int, default=profile["requests"],
@@ -501,13 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in plot_trace(results, out_dir):
             print(f"  * {line}")
     print(f"\n{document['duration_s']:.1f} s; results in {out_dir / 'trace.json'}")
-    if failures:
-        print("\n!!! VERIFICATION FAILED: a restore returned blocks that are not the ones asked for !!!",
-              file=sys.stderr)
-        for f in failures[:20]:
-            print(f"!!! {f}", file=sys.stderr)
-        return 1
-    return 0
+    return verification_status(failures, "a restore returned blocks that are not the ones asked for")
 
 
 if __name__ == "__main__":
