@@ -29,10 +29,11 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def write_json(path: Path, results: dict[str, Any]) -> None:
+def write_json(path: Path, results: dict[str, Any], default: Callable[[Any], Any] | None = None) -> None:
+    """``results`` as indented JSON at ``path``, atomically (``default`` as for ``json.dumps``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.write_text(json.dumps(results, indent=2, default=default) + "\n")
     os.replace(tmp, path)  # never leave a half-written result behind
 
 

@@ -41,10 +41,8 @@ import argparse
 import collections
 import ctypes
 import gc
-import json
 import math
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -61,11 +59,12 @@ import numpy as np
 import torch
 
 import tierkv
-from tierkv import ops
+from tierkv._memory import round_up
 from tierkv.config import parse_bytes
 from tierkv.manager import READ_RUN_NBYTES
 
 from .progress import Progress
+from .report import describe_machine, write_json
 
 __all__ = ["run_soak", "default_config", "overhead_budget", "format_summary", "Workload", "main", "FD_SLACK",
            "THREAD_SLACK", "ALLOCATOR_SLACK_BYTES", "ALLOCATOR_CHURN_FACTOR", "BOOKKEEPING_BYTES_PER_BLOCK",
@@ -135,7 +134,7 @@ def default_config(layout: tierkv.KVLayout, workdir: str | os.PathLike, blocks: 
     blocks by ``blocks`` (default ``DEFAULT_BLOCKS``); ``overrides`` win."""
     blocks = DEFAULT_BLOCKS if blocks is None else blocks
     nbytes = layout.block_nbytes
-    slot = _round_up(nbytes)
+    slot = round_up(nbytes)
     config: dict[str, Any] = dict(device_bytes=blocks["device"] * nbytes, host_bytes=blocks["host"] * nbytes,
                                   disk_path=str(Path(workdir) / "soak-store"), disk_bytes=blocks["disk"] * slot,
                                   writeback_bytes=blocks["writeback"] * slot)
@@ -159,7 +158,7 @@ def overhead_budget(layout: tierkv.KVLayout, config: tierkv.StoreConfig, threads
       freed get results that malloc keeps for reuse (see ALLOCATOR_CHURN_FACTOR).
     """
     nbytes, chain = layout.block_nbytes, workload.max_chain
-    slot = _round_up(nbytes)
+    slot = round_up(nbytes)
     store_threads = threads + config.io_threads + _SCRATCH_THREADS
     blocks = (config.device_bytes + config.host_bytes) // nbytes + (config.disk_bytes // slot if config.disk_path
                                                                      else 0)
@@ -251,10 +250,6 @@ def _probe() -> dict[str, Any]:
             "heap_in_use_bytes": in_use, "heap_free_bytes": free,
             "fds": _fd_count(), "threads_os": status.get("Threads", 0),
             "threads_py": threading.active_count(), "store_threads": len(_store_threads())}
-
-
-def _round_up(n: int, multiple: int = 4096) -> int:
-    return (n + multiple - 1) // multiple * multiple
 
 
 # ------------------------------------------------------------------------------------------------ contents
@@ -803,7 +798,7 @@ def _report(layout, config, threads, duration_s, sample_every_s, warmup_s, windo
             final_check, idle, after, after_threads, closed, close_s, device, objects_start,
             caller_buffers) -> dict[str, Any]:
     nbytes = layout.block_nbytes
-    slot = _round_up(nbytes)
+    slot = round_up(nbytes)
     device_in_rss = device.type == "cpu"
     writeback_arena = (min(config.writeback_bytes // slot, config.disk_bytes // slot) * slot
                        if config.disk_path and config.writeback_bytes >= slot else 0)
@@ -925,15 +920,6 @@ def _report(layout, config, threads, duration_s, sample_every_s, warmup_s, windo
         "checks": checks, "failures": failures, "passed": not failures,
         "samples": samples,
     }
-
-
-def describe_machine() -> dict[str, Any]:
-    cuda = torch.cuda.is_available()
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_cores": os.cpu_count(),
-            "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda_device": torch.cuda.get_device_name() if cuda else None,
-            "tierkv": tierkv.__version__, "native_ops": ops.native_status()}
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -1063,10 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
         with Progress(math.ceil(a.duration / a.sample_every)) as progress:
             report = run_soak(layout, config, threads=a.threads, duration_s=a.duration, workdir=workdir, seed=a.seed,
                               progress=progress, sample_every_s=a.sample_every)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(tmp, out)
+    write_json(out, report, default=str)
     print()
     print(format_summary(report))
     print(f"\nprefill {report['prefill_s']:.1f} s, run {report['run_s']:.1f} s, close {report['close_s'] or 0:.1f} s; "
