@@ -46,6 +46,18 @@ def tiny_layout(dtype: torch.dtype = torch.bfloat16, **overrides) -> tierkv.KVLa
     return tierkv.KVLayout(**{**TINY, **overrides}, dtype=dtype)
 
 
+def off_page(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` whose data starts 64 bytes past a page boundary. A put writes such blocks to the disk
+    tier one request per block; page-aligned whole-slot blocks go out as one vectored request per run instead,
+    which a test counting failed requests must not get by the chance of where the allocator put ``t``."""
+    nbytes = t.numel() * t.element_size()
+    base = torch.empty(nbytes + 2 * PAGE, dtype=torch.uint8)
+    start = (-base.data_ptr()) % PAGE + 64
+    out = base[start:start + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
 def make_blocks(n: int, layout: tierkv.KVLayout, seed: int = 0) -> torch.Tensor:
     """``n`` random blocks ``[n, *layout.block_shape]`` of ``layout.dtype``, from random *bits*.
 

@@ -46,7 +46,7 @@ import torch
 
 import tierkv
 import tierkv.index
-from conftest import assert_bit_equal, make_blocks, make_keys, round_up, settle, tiny_layout
+from conftest import assert_bit_equal, make_blocks, make_keys, off_page, round_up, settle, tiny_layout
 from tierkv.faultlog import FailureLog
 from tierkv.io import posix
 
@@ -187,8 +187,8 @@ ADVICE = {errno.ENOSPC: "disk is full", errno.EIO: "kernel log", errno.EROFS: "n
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO, errno.EROFS], ids=errno.errorcode.get)
 def test_write_error_on_a_put_to_disk(tmp_path, caplog, err):
-    keys, blocks = make_keys(4, seed=1), make_blocks(4, LAYOUT, seed=2)
-    with open_store(tmp_path) as store:  # disk only: the put writes each block itself
+    keys, blocks = make_keys(4, seed=1), off_page(make_blocks(4, LAYOUT, seed=2))
+    with open_store(tmp_path) as store:  # disk only: the put writes each (off-page) block itself
         faulty = inject(store, err=err, fail_writes={2})
         store.put(keys, blocks)
         assert faulty.failed == 1
